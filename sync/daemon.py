@@ -1,0 +1,173 @@
+"""The daemon: APScheduler jobs (pull, detect, dispatch, housekeeping) on one asyncio loop.
+
+A LISTEN connection (its own thread) wakes detect the moment a local write commits; the job intervals are
+the safety net. Database work runs in worker threads (``asyncio.to_thread``) so HTTP never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import Engine
+from sqlalchemy.engine import make_url
+
+from sync import db
+from sync.config import Config
+from sync.log import get_logger
+
+log = get_logger("stsync.daemon")
+
+
+def worker_id() -> str:
+    """Identifies this process in leases and attempt history."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class NotifyListener:
+    """LISTENs on the schema's change channel in a thread and calls ``on_notify`` (thread-safe) per wake-up."""
+
+    def __init__(self, url: str, channel: str, on_notify: Any) -> None:
+        u = make_url(db.normalize_url(url)).set(drivername="postgresql")
+        self._dsn = u.render_as_string(hide_password=False)
+        self._channel = channel
+        self._on_notify = on_notify
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stsync-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+                    conn.execute(f'LISTEN "{self._channel}"')
+                    backoff = 1.0
+                    self._on_notify()  # catch up on anything committed while we were not listening
+                    while not self._stop.is_set():
+                        for _ in conn.notifies(timeout=0.5):
+                            self._on_notify()
+                            break
+            except psycopg.Error as exc:
+                log.warning("listen.disconnected", error=str(exc).splitlines()[0] if str(exc) else "",
+                            retry_in_s=backoff)
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+
+
+class Daemon:
+    """Owns the engine, the ServiceTitan client and the scheduler; one per process."""
+
+    def __init__(self, cfg: Config, *, dry_run: bool = False, engine: Engine | None = None,
+                 transport: Any = None) -> None:
+        self.cfg = cfg
+        self.dry_run = dry_run
+        self.worker = worker_id()
+        self.engine = engine or db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
+        self.transport = transport
+        self.scheduler: AsyncIOScheduler | None = None
+        self.stopping = asyncio.Event()
+        self.log = log.bind(tenant=cfg.servicetitan.tenant_id, worker=self.worker)
+
+    # ------------------------------------------------------------------------------------------ jobs
+
+    async def pull_job(self) -> dict[str, Any]:
+        return {}
+
+    async def detect_job(self) -> dict[str, Any]:
+        return {}
+
+    async def dispatch_job(self) -> dict[str, Any]:
+        return {}
+
+    async def housekeeping_job(self) -> dict[str, Any]:
+        return {}
+
+    # ------------------------------------------------------------------------------------- lifecycle
+
+    def wake(self, job_id: str) -> None:
+        """Run a job now (coalesced with a run already due); safe from the event loop only."""
+        if self.scheduler is None or self.stopping.is_set():
+            return
+        job = self.scheduler.get_job(job_id)
+        if job is not None:
+            job.modify(next_run_time=datetime.now(UTC))
+
+    async def cycle(self) -> dict[str, Any]:
+        """One full cycle: pull, then detect, then dispatch everything due now."""
+        return {
+            "pull": await self.pull_job(),
+            "detect": await self.detect_job(),
+            "dispatch": await self.dispatch_job(),
+        }
+
+    async def run_forever(self) -> None:
+        cfg = self.cfg.sync
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self.stopping.set)
+        sched = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
+        sched.add_job(self.pull_job, "interval", seconds=cfg.pull_interval_seconds, id="pull",
+                      next_run_time=datetime.now(UTC))
+        sched.add_job(self.detect_job, "interval", seconds=cfg.push_interval_seconds, id="detect",
+                      next_run_time=datetime.now(UTC))
+        sched.add_job(self.dispatch_job, "interval", seconds=cfg.push_interval_seconds, id="dispatch",
+                      next_run_time=datetime.now(UTC))
+        sched.add_job(self.housekeeping_job, "interval", seconds=3600, id="housekeeping")
+        self.scheduler = sched
+        listener = NotifyListener(self.cfg.database_url(), db.notify_channel(self.cfg.db_schema),
+                                  lambda: loop.call_soon_threadsafe(self.wake, "detect"))
+        sched.start()
+        listener.start()
+        self.log.info("daemon.started", dry_run=self.dry_run, schema=self.cfg.db_schema)
+        try:
+            await self.stopping.wait()
+        finally:
+            self.log.info("daemon.stopping")
+            listener.stop()
+            sched.shutdown(wait=False)
+            await self.close()
+            self.log.info("daemon.stopped")
+
+    async def close(self) -> None:
+        self.engine.dispose()
+
+
+def run_daemon(cfg: Config, *, dry_run: bool = False) -> None:
+    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
+    db.check_current(engine, cfg.db_schema)
+    asyncio.run(Daemon(cfg, dry_run=dry_run, engine=engine).run_forever())
+
+
+def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:
+    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
+    db.check_current(engine, cfg.db_schema)
+
+    async def _main() -> dict[str, Any]:
+        d = Daemon(cfg, dry_run=dry_run, engine=engine)
+        started = time.monotonic()
+        try:
+            out = await d.cycle()
+        finally:
+            await d.close()
+        out["duration_s"] = round(time.monotonic() - started, 3)
+        return out
+
+    return asyncio.run(_main())

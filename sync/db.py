@@ -1,0 +1,118 @@
+"""The database edge: engines, the stsync schema on the search path, migrations, the trigger bypass."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+import sync.migrations
+from sync.errors import DatabaseError, MigrationRequiredError
+
+
+def normalize_url(url: str) -> str:
+    """Accept postgres:// and postgresql:// URLs; always use the psycopg 3 driver."""
+    u = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
+    if u.drivername in ("postgresql", "postgresql+psycopg2"):
+        u = u.set(drivername="postgresql+psycopg")
+    return u.render_as_string(hide_password=False)
+
+
+def notify_channel(schema: str) -> str:
+    return f"{schema}_changes"
+
+
+def make_engine(url: str, schema: str, pool_size: int = 5, application_name: str = "stsync") -> Engine:
+    """An engine whose connections have ``search_path`` = the stsync schema, then public."""
+    engine = create_engine(
+        normalize_url(url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+        connect_args={"application_name": application_name, "connect_timeout": 10},
+    )
+
+    @event.listens_for(engine, "connect")
+    def _set_search_path(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+        with dbapi_conn.cursor() as cur:
+            cur.execute(f'SET search_path TO "{schema}", public')
+        dbapi_conn.commit()
+
+    return engine
+
+
+def bypass_triggers(conn: Connection) -> None:
+    """Mark the current transaction as stsync's own write: the change-log triggers skip it."""
+    conn.execute(text("SELECT set_config('stsync.bypass', 'on', true)"))
+
+
+@contextmanager
+def connect(engine: Engine) -> Iterator[Connection]:
+    """A connection, with connection failures turned into a one-line DatabaseError."""
+    try:
+        with engine.connect() as conn:
+            yield conn
+    except OperationalError as exc:
+        raise DatabaseError(f"database unreachable at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    return str(orig).strip().splitlines()[0] if str(orig).strip() else exc.__class__.__name__
+
+
+# ---------------------------------------------------------------------------------------------- migrations
+
+
+def _alembic_config(conn: Connection, schema: str) -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(sync.migrations.__file__).parent))
+    cfg.attributes["connection"] = conn
+    cfg.attributes["schema"] = schema
+    return cfg
+
+
+def head_revision() -> str:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(sync.migrations.__file__).parent))
+    head = ScriptDirectory.from_config(cfg).get_current_head()
+    assert head is not None
+    return head
+
+
+def current_revision(conn: Connection, schema: str) -> str | None:
+    ctx = MigrationContext.configure(conn, opts={"version_table_schema": schema})
+    return ctx.get_current_revision()
+
+
+def upgrade(engine: Engine, schema: str, revision: str = "head") -> None:
+    """`alembic upgrade` on the schema; idempotent."""
+    with connect(engine) as conn, conn.begin():
+        # one migrator at a time when several replicas start together
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"stsync-migrate-{schema}"})
+        command.upgrade(_alembic_config(conn, schema), revision)
+
+
+def downgrade(engine: Engine, schema: str, revision: str) -> None:
+    with connect(engine) as conn, conn.begin():
+        command.downgrade(_alembic_config(conn, schema), revision)
+
+
+def check_current(engine: Engine, schema: str) -> None:
+    """Raise MigrationRequiredError unless the schema is at this version's head."""
+    with connect(engine) as conn:
+        current = current_revision(conn, schema)
+    head = head_revision()
+    if current != head:
+        state = "not migrated" if current is None else f"at revision {current}"
+        raise MigrationRequiredError(
+            f'database schema "{schema}" is {state}, this stsync needs {head}: run `stsync migrate`'
+        )

@@ -1,0 +1,44 @@
+"""The exception hierarchy. Every message is one line a user can act on."""
+
+from __future__ import annotations
+
+
+class StsyncError(Exception):
+    """Base of every error stsync raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(StsyncError):
+    """The configuration file or environment is wrong; the message names file, key and problem."""
+
+    exit_code = 2
+
+
+class DatabaseError(StsyncError):
+    """The database is unreachable, or its schema is not what this version of stsync expects."""
+
+
+class MigrationRequiredError(DatabaseError):
+    """The schema is behind (or ahead of) this version of stsync."""
+
+
+class ServiceTitanError(StsyncError):
+    """ServiceTitan answered something we cannot work with."""
+
+    def __init__(self, message: str, status: int | None = None, body: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class AuthError(ServiceTitanError):
+    """Credentials were refused by ServiceTitan's token endpoint."""
+
+
+class RequestValidationError(StsyncError):
+    """A request body fails ServiceTitan's OpenAPI schema: it must never be sent."""
+
+    def __init__(self, message: str, errors: dict[str, list[str]]) -> None:
+        super().__init__(message)
+        self.errors = errors

@@ -1,0 +1,158 @@
+"""What is synced: the mirror columns of each entity, the API field each maps to, and how values compare.
+
+Pure data and pure functions over plain dicts. A *record* here is a dict keyed by mirror column name holding
+canonical values (the same form in the mirror, the shadow and a converted API response):
+
+- text columns: ``str`` or ``None``; floats: ``float`` or ``None``; flags: ``bool``
+- ``tag_type_ids``: sorted ``list[int]`` (a set: order is never significant)
+- ``custom_fields``: ``dict[str, str]`` typeId -> value (a set of pairs)
+- ``external_data``: ``dict[str, str]`` key -> value, this application's guid only
+- locations carry ``customer_st_id`` (ServiceTitan's customerId); the database edge translates it to and from
+  the mirror's ``customer_id``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Entity = Literal["customer", "location"]
+ENTITIES: tuple[Entity, ...] = ("customer", "location")
+TABLES: dict[Entity, str] = {"customer": "customers", "location": "locations"}
+API_COLLECTIONS: dict[Entity, str] = {"customer": "customers", "location": "locations"}
+
+Kind = Literal["text", "float", "bool", "int", "id_list", "custom_fields", "external_data"]
+
+FLOAT_TOLERANCE = 1e-6
+"""Coordinates closer than this are equal (ServiceTitan may round what it stores)."""
+
+ADDRESS_PARTS: tuple[str, ...] = ("street", "unit", "city", "state", "zip", "country", "latitude", "longitude")
+
+
+@dataclass(frozen=True)
+class Field:
+    column: str
+    """Mirror column, and key in a canonical record."""
+    api: str
+    """Property of the API record; for address parts the key inside ``address``."""
+    kind: Kind
+    address: bool = False
+    writable: bool = True
+    """False for read-only fields: pulled, never sent."""
+
+
+def _address_fields() -> tuple[Field, ...]:
+    return tuple(
+        Field(p, p, "float" if p in ("latitude", "longitude") else "text", address=True) for p in ADDRESS_PARTS
+    )
+
+
+CUSTOMER_FIELDS: tuple[Field, ...] = (
+    Field("name", "name", "text"),
+    Field("type", "type", "text"),
+    *_address_fields(),
+    Field("active", "active", "bool"),
+    Field("do_not_mail", "doNotMail", "bool"),
+    Field("do_not_service", "doNotService", "bool"),
+    Field("tag_type_ids", "tagTypeIds", "id_list"),
+    Field("custom_fields", "customFields", "custom_fields"),
+    Field("external_data", "externalData", "external_data"),
+    Field("balance", "balance", "float", writable=False),
+    Field("tax_exempt", "taxExempt", "bool", writable=False),
+    Field("created_on", "createdOn", "text", writable=False),
+    Field("created_by_id", "createdById", "int", writable=False),
+    Field("modified_on", "modifiedOn", "text", writable=False),
+    Field("merged_to_id", "mergedToId", "int", writable=False),
+)
+
+LOCATION_FIELDS: tuple[Field, ...] = (
+    Field("customer_st_id", "customerId", "int"),
+    Field("name", "name", "text"),
+    *_address_fields(),
+    Field("active", "active", "bool"),
+    Field("tax_zone_id", "taxZoneId", "int"),
+    Field("tag_type_ids", "tagTypeIds", "id_list"),
+    Field("custom_fields", "customFields", "custom_fields"),
+    Field("external_data", "externalData", "external_data"),
+    Field("zone_id", "zoneId", "int", writable=False),
+    Field("tax_exempt", "taxExempt", "bool", writable=False),
+    Field("created_on", "createdOn", "text", writable=False),
+    Field("created_by_id", "createdById", "int", writable=False),
+    Field("modified_on", "modifiedOn", "text", writable=False),
+    Field("merged_to_id", "mergedToId", "int", writable=False),
+)
+
+FIELDS: dict[Entity, tuple[Field, ...]] = {"customer": CUSTOMER_FIELDS, "location": LOCATION_FIELDS}
+BY_COLUMN: dict[Entity, dict[str, Field]] = {e: {f.column: f for f in fs} for e, fs in FIELDS.items()}
+
+
+def writable_fields(entity: Entity, *, sync_active: bool = True) -> tuple[Field, ...]:
+    """Fields a PATCH may carry. ``active`` only when the config switch ``sync.sync_active`` is on."""
+    return tuple(f for f in FIELDS[entity] if f.writable and (sync_active or f.column != "active"))
+
+
+def address_columns(entity: Entity) -> tuple[str, ...]:
+    return tuple(f.column for f in FIELDS[entity] if f.address)
+
+
+# ---------------------------------------------------------------------------------------------- canonical values
+
+
+def canonical(kind: Kind, value: Any) -> Any:
+    """Bring a value from the database or JSON into its canonical form (see module docstring)."""
+    if value is None:
+        if kind == "id_list":
+            return []
+        if kind in ("custom_fields", "external_data"):
+            return {}
+        return None
+    if kind == "float":
+        return float(value)
+    if kind == "int":
+        return int(value)
+    if kind == "bool":
+        return bool(value)
+    if kind == "id_list":
+        return sorted({int(v) for v in value})
+    if kind in ("custom_fields", "external_data"):
+        if isinstance(value, Mapping):
+            return {str(k): (None if v is None else str(v)) for k, v in value.items()}
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    if kind == "text" and not isinstance(value, str):
+        return value.isoformat() if hasattr(value, "isoformat") else str(value)
+    return value
+
+
+def equal(kind: Kind, a: Any, b: Any) -> bool:
+    """Field equality: floats within FLOAT_TOLERANCE, lists and maps as sets, strings exactly."""
+    if kind == "float":
+        if a is None or b is None:
+            return a is None and b is None
+        return math.isclose(float(a), float(b), rel_tol=0.0, abs_tol=FLOAT_TOLERANCE)
+    return bool(canonical(kind, a) == canonical(kind, b))
+
+
+def record_from_api(entity: Entity, api: Mapping[str, Any]) -> dict[str, Any]:
+    """A ServiceTitan customer/location (response, export row) as a canonical record.
+
+    ``external_data`` is taken as given: callers that received it without our application guid (export feeds)
+    must not treat an empty list as "keys deleted" (see ``sync.merge``).
+    """
+    out: dict[str, Any] = {}
+    address = api.get("address") or {}
+    for f in FIELDS[entity]:
+        raw: Any
+        if f.address:
+            raw = address.get(f.api)
+        elif f.kind == "custom_fields":
+            raw = {str(cf["typeId"]): cf.get("value") for cf in api.get(f.api) or [] if cf.get("value") is not None}
+        elif f.kind == "external_data":
+            raw = {str(e["key"]): e.get("value") for e in api.get(f.api) or []}
+        else:
+            raw = api.get(f.api)
+        out[f.column] = canonical(f.kind, raw)
+    if entity == "customer" and isinstance(out.get("type"), dict):  # never seen, but the spec's example has {}
+        out["type"] = None
+    return out

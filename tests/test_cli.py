@@ -1,0 +1,117 @@
+"""CLI exit codes and outputs, each as a real subprocess against the test database."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from sync import embedded
+
+CONFIG = """
+database:
+  url: ${DB_URL}
+  schema: ${DB_SCHEMA:-stsync}
+servicetitan:
+  tenant_id: 1
+  client_id: sandbox-client
+  client_secret: ${ST_SECRET:-sandbox-secret}
+  app_key: sandbox-app-key
+  application_guid: 5f2b8a7e-3c1d-4e6f-9a0b-1c2d3e4f5a6b
+  api_base_url: http://127.0.0.1:9
+logging:
+  level: WARNING
+"""
+
+
+def stsync(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STSYNC_CONFIG", "DB_URL")}
+    base.update(env or {})
+    return subprocess.run([sys.executable, "-m", "sync", *args], capture_output=True, text=True, env=base,
+                          timeout=120)
+
+
+@pytest.fixture
+def fresh_db(pg_server: embedded.Server) -> Iterator[str]:
+    name = f"stsync_cli_{uuid.uuid4().hex[:8]}"
+    url = embedded.create_database(pg_server.url, name)
+    yield url
+    embedded.drop_database(pg_server.url, name)
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    p = tmp_path / "stsync.yaml"
+    p.write_text(CONFIG)
+    return p
+
+
+def test_migrate_then_status(config_file: Path, fresh_db: str) -> None:
+    env = {"DB_URL": fresh_db}
+    first = stsync("--config", str(config_file), "migrate", env=env)
+    assert first.returncode == 0, first.stderr
+    assert 'schema "stsync" at revision 0001' in first.stdout
+    second = stsync("--config", str(config_file), "migrate", env=env)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout == first.stdout
+    status = stsync("--config", str(config_file), "status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["outbox"] == {"pending": 0, "in_flight": 0, "succeeded": 0, "dead": 0, "superseded": 0}
+    assert data["dead"] == 0 and data["last_pull_at"] is None
+    human = stsync("--config", str(config_file), "status", env=env)
+    assert human.returncode == 0 and "outbox:" in human.stdout and "last pull:      never" in human.stdout
+
+
+def test_status_on_unmigrated_database_says_what_to_run(config_file: Path, fresh_db: str) -> None:
+    proc = stsync("--config", str(config_file), "status", env={"DB_URL": fresh_db})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().endswith("run `stsync migrate`")
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_schema_is_configurable(config_file: Path, fresh_db: str) -> None:
+    env = {"DB_URL": fresh_db, "DB_SCHEMA": "crm_sync"}
+    proc = stsync("--config", str(config_file), "migrate", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 'schema "crm_sync"' in proc.stdout
+
+
+def test_run_without_database_setting_exits_2(tmp_path: Path) -> None:
+    p = tmp_path / "nodb.yaml"
+    p.write_text(CONFIG.replace("  url: ${DB_URL}\n", ""))
+    for cmd in ("run", "once", "migrate", "status"):
+        proc = stsync("--config", str(p), cmd)
+        assert proc.returncode == 2, (cmd, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "database.url: no database configured" in lines[0], proc.stderr
+
+
+def test_unreachable_database_is_one_line(config_file: Path) -> None:
+    env = {"DB_URL": "postgresql://postgres:pw-xyz-123@127.0.0.1:9/nowhere"}
+    proc = stsync("--config", str(config_file), "status", env=env)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stsync: error: database unreachable"), proc.stderr
+    assert "pw-xyz-123" not in proc.stderr
+
+
+def test_database_url_override_flag(config_file: Path, fresh_db: str) -> None:
+    u = make_url(fresh_db)
+    proc = stsync("--config", str(config_file), "--database-url", u.render_as_string(hide_password=False),
+                  "migrate", env={"DB_URL": "postgresql://nobody@127.0.0.1:9/x"})
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_version_and_help() -> None:
+    assert stsync("--version").stdout.startswith("stsync, version")
+    helptext = stsync("--help").stdout
+    for cmd in ("migrate", "run", "once", "status", "check-config"):
+        assert cmd in helptext
