@@ -1,0 +1,1 @@
+"""The ServiceTitan sandbox simulator (see sync.sandbox.app)."""
