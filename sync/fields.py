@@ -14,8 +14,10 @@ canonical values (the same form in the mirror, the shadow and a converted API re
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 Entity = Literal["customer", "location"]
@@ -23,7 +25,7 @@ ENTITIES: tuple[Entity, ...] = ("customer", "location")
 TABLES: dict[Entity, str] = {"customer": "customers", "location": "locations"}
 API_COLLECTIONS: dict[Entity, str] = {"customer": "customers", "location": "locations"}
 
-Kind = Literal["text", "float", "bool", "int", "id_list", "custom_fields", "external_data"]
+Kind = Literal["text", "float", "bool", "int", "timestamp", "id_list", "custom_fields", "external_data"]
 
 FLOAT_TOLERANCE = 1e-6
 """Coordinates closer than this are equal (ServiceTitan may round what it stores)."""
@@ -61,9 +63,9 @@ CUSTOMER_FIELDS: tuple[Field, ...] = (
     Field("external_data", "externalData", "external_data"),
     Field("balance", "balance", "float", writable=False),
     Field("tax_exempt", "taxExempt", "bool", writable=False),
-    Field("created_on", "createdOn", "text", writable=False),
+    Field("created_on", "createdOn", "timestamp", writable=False),
     Field("created_by_id", "createdById", "int", writable=False),
-    Field("modified_on", "modifiedOn", "text", writable=False),
+    Field("modified_on", "modifiedOn", "timestamp", writable=False),
     Field("merged_to_id", "mergedToId", "int", writable=False),
 )
 
@@ -78,9 +80,9 @@ LOCATION_FIELDS: tuple[Field, ...] = (
     Field("external_data", "externalData", "external_data"),
     Field("zone_id", "zoneId", "int", writable=False),
     Field("tax_exempt", "taxExempt", "bool", writable=False),
-    Field("created_on", "createdOn", "text", writable=False),
+    Field("created_on", "createdOn", "timestamp", writable=False),
     Field("created_by_id", "createdById", "int", writable=False),
-    Field("modified_on", "modifiedOn", "text", writable=False),
+    Field("modified_on", "modifiedOn", "timestamp", writable=False),
     Field("merged_to_id", "mergedToId", "int", writable=False),
 )
 
@@ -120,9 +122,24 @@ def canonical(kind: Kind, value: Any) -> Any:
         if isinstance(value, Mapping):
             return {str(k): (None if v is None else str(v)) for k, v in value.items()}
         raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    if kind == "timestamp":
+        return parse_timestamp(value).isoformat()
     if kind == "text" and not isinstance(value, str):
         return value.isoformat() if hasattr(value, "isoformat") else str(value)
     return value
+
+
+_FRACTION = re.compile(r"(\.\d{6})\d+")
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """An aware UTC datetime from a datetime or an ISO 8601 string (``Z``, 7-digit .NET fractions accepted)."""
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        text = _FRACTION.sub(r"\1", str(value).strip()).replace("Z", "+00:00").replace("z", "+00:00")
+        dt = datetime.fromisoformat(text)
+    return (dt if dt.tzinfo else dt.replace(tzinfo=UTC)).astimezone(UTC)
 
 
 def equal(kind: Kind, a: Any, b: Any) -> bool:

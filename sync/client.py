@@ -1,0 +1,210 @@
+"""ServiceTitan CRM v2 over httpx (async, one connection pool).
+
+Client-credentials token cached until shortly before expiry (one refresh at a time, once more on a 401),
+``ST-App-Key`` on every call, timeouts, a shared rate limiter that a 429 slows down. Tokens and secrets are
+never logged. Responses are returned as ``ApiResponse``; classifying them is the caller's job
+(``sync.retry.classify``), except auth, which is handled here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from sync.config import ServiceTitanConfig
+from sync.errors import AuthError, ServiceTitanError
+from sync.log import get_logger
+from sync.ratelimit import RateLimiter
+
+log = get_logger("stsync.client")
+
+TOKEN_REFRESH_MARGIN_S = 60.0
+_RETRY_IN_BODY = re.compile(r"try again in (\d+(?:\.\d+)?) second", re.IGNORECASE)
+
+
+@dataclass
+class ApiResponse:
+    status: int
+    """HTTP status; 0 when no answer came (timeout, connection error)."""
+    body: Any
+    """Parsed JSON, or the raw text when the body is not JSON, or None."""
+    latency_ms: float
+    retry_after_s: float | None = None
+    error: str | None = None
+    """Transport error description when status is 0, or a parse problem."""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300 and isinstance(self.body, dict)
+
+    @property
+    def trace_id(self) -> str | None:
+        return self.body.get("traceId") if isinstance(self.body, dict) else None
+
+
+def parse_retry_after(headers: httpx.Headers, body: Any) -> float | None:
+    """Seconds to wait after a 429: ``Retry-After`` header (seconds or HTTP-date), else seconds in the body."""
+    value = headers.get("retry-after")
+    if value:
+        value = value.strip()
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            try:
+                when = email.utils.parsedate_to_datetime(value)
+            except (TypeError, ValueError):
+                when = None
+            if when is not None:
+                if when.tzinfo is None:
+                    when = when.replace(tzinfo=UTC)
+                return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    text = ""
+    if isinstance(body, dict):
+        text = " ".join(str(body.get(k, "")) for k in ("title", "detail", "message"))
+    elif isinstance(body, str):
+        text = body
+    m = _RETRY_IN_BODY.search(text)
+    return float(m.group(1)) if m else None
+
+
+class ServiceTitanClient:
+    """One per process. Use as ``async with ServiceTitanClient(cfg) as st: ...``."""
+
+    def __init__(self, cfg: ServiceTitanConfig, *, transport: httpx.AsyncBaseTransport | None = None,
+                 limiter: RateLimiter | None = None) -> None:
+        self.cfg = cfg
+        self.limiter = limiter or RateLimiter(cfg.requests_per_second)
+        limits = httpx.Limits(max_connections=cfg.max_concurrency, max_keepalive_connections=cfg.max_concurrency)
+        self._http = httpx.AsyncClient(
+            transport=transport, timeout=httpx.Timeout(cfg.timeout_seconds, connect=10.0), limits=limits,
+            verify=True,
+        )
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._token_lock = asyncio.Lock()
+        self.base = f"{cfg.api_root}/crm/v2/tenant/{cfg.tenant_id}"
+
+    async def __aenter__(self) -> ServiceTitanClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---------------------------------------------------------------------------------------- auth
+
+    async def token(self, *, force: bool = False) -> str:
+        """A valid access token; fetched once and shared, refreshed shortly before expiry."""
+        stale = self._token
+        async with self._token_lock:
+            if self._token and not force and time.monotonic() < self._token_expires:
+                return self._token
+            if force and self._token is not None and self._token != stale:
+                return self._token  # another caller refreshed while we waited
+            self._token = await self._fetch_token()
+            return self._token
+
+    async def _fetch_token(self) -> str:
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self.cfg.client_id,
+            "client_secret": self.cfg.client_secret.get_secret_value(),
+        }
+        try:
+            resp = await self._http.post(self.cfg.token_url, data=form)
+        except httpx.HTTPError as exc:
+            raise ServiceTitanError(f"token endpoint {self.cfg.token_url} unreachable: {type(exc).__name__}") from None
+        if resp.status_code in (400, 401, 403):
+            detail = ""
+            with contextlib.suppress(ValueError, AttributeError):
+                detail = str(resp.json().get("error", ""))
+            raise AuthError(
+                f"ServiceTitan refused the client credentials ({resp.status_code} {detail}): check "
+                "servicetitan.client_id / client_secret / tenant_id / environment",
+                status=resp.status_code,
+            )
+        try:
+            data = resp.json()
+            token = str(data["access_token"])
+            ttl = float(data.get("expires_in", 900))
+        except (ValueError, KeyError, TypeError):
+            raise ServiceTitanError(f"token endpoint answered {resp.status_code} without an access_token",
+                                    status=resp.status_code) from None
+        self._token_expires = time.monotonic() + max(ttl - TOKEN_REFRESH_MARGIN_S, ttl / 2)
+        log.info("auth.token_fetched", expires_in_s=ttl)
+        return token
+
+    # ---------------------------------------------------------------------------------------- calls
+
+    async def request(self, method: str, path: str, *, json_body: Any = None,
+                      params: dict[str, Any] | None = None) -> ApiResponse:
+        """One API call (after a rate-limit slot). Transport failures come back as status 0, never raise.
+
+        A 401 refreshes the token once and resends; a 429 pauses the shared limiter for Retry-After.
+        """
+        for auth_try in range(2):
+            token = await self.token(force=auth_try > 0)
+            await self.limiter.acquire()
+            started = time.perf_counter()
+            try:
+                resp = await self._http.request(
+                    method, self.base + path, json=json_body, params=params,
+                    headers={"Authorization": f"Bearer {token}",
+                             "ST-App-Key": self.cfg.app_key.get_secret_value()},
+                )
+            except httpx.TimeoutException as exc:
+                return ApiResponse(0, None, _ms(started), error=f"timeout ({type(exc).__name__})")
+            except httpx.HTTPError as exc:
+                return ApiResponse(0, None, _ms(started), error=f"connection error ({type(exc).__name__})")
+            latency = _ms(started)
+            body = _parse_body(resp)
+            if resp.status_code == 401 and auth_try == 0:
+                log.info("auth.token_rejected", path=path)
+                continue
+            retry_after = None
+            if resp.status_code == 429:
+                retry_after = parse_retry_after(resp.headers, body)
+                self.limiter.pause(retry_after if retry_after is not None else 1.0)
+            return ApiResponse(resp.status_code, body, latency, retry_after_s=retry_after,
+                               headers={k.lower(): v for k, v in resp.headers.items() if k.lower() == "retry-after"})
+        raise AssertionError("unreachable")
+
+    async def patch(self, collection: str, st_id: int, body: dict[str, Any]) -> ApiResponse:
+        return await self.request("PATCH", f"/{collection}/{st_id}", json_body=body)
+
+    async def get(self, collection: str, st_id: int) -> ApiResponse:
+        return await self.request("GET", f"/{collection}/{st_id}")
+
+    async def export(self, collection: str, continue_from: str | None, *,
+                     include_recent_changes: bool) -> ApiResponse:
+        params: dict[str, Any] = {}
+        if continue_from:
+            params["from"] = continue_from
+        if include_recent_changes:
+            params["includeRecentChanges"] = "true"
+        return await self.request("GET", f"/export/{collection}", params=params)
+
+
+def _ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000.0, 2)
+
+
+def _parse_body(resp: httpx.Response) -> Any:
+    if not resp.content:
+        return None
+    try:
+        return resp.json()
+    except (ValueError, json.JSONDecodeError):
+        return resp.text[:2000]

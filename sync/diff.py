@@ -1,0 +1,38 @@
+"""Local diff: which writable fields of a mirror record differ from the last-synced shadow. Pure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from sync.fields import Entity, equal, writable_fields
+
+Diff = dict[str, list[Any]]
+"""{column: [shadow value, mirror value]} (lists, so the diff is JSON as stored in outbox.diff)."""
+
+
+def _same(kind: Any, a: Any, b: Any) -> bool:
+    try:
+        return equal(kind, a, b)
+    except (TypeError, ValueError, AttributeError):
+        return False  # a malformed local value is a change; request building reports it on its column
+
+
+def strip_key(data: Any, key: str) -> Any:
+    """external_data without stsync's own mirror-id key (it is managed by stsync, never diffed)."""
+    if isinstance(data, Mapping) and key in data:
+        return {k: v for k, v in data.items() if k != key}
+    return data
+
+
+def local_diff(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, Any], *, sync_active: bool = True,
+               mirror_id_key: str = "mirrorId") -> Diff:
+    """Fields whose mirror value differs from the shadow. Empty: nothing to send."""
+    out: Diff = {}
+    for f in writable_fields(entity, sync_active=sync_active):
+        local, base = mirror.get(f.column), shadow.get(f.column)
+        if f.kind == "external_data":
+            local, base = strip_key(local, mirror_id_key), strip_key(base, mirror_id_key)
+        if not _same(f.kind, local, base):
+            out[f.column] = [base, local]
+    return out
