@@ -102,7 +102,7 @@ def build_patch(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, 
         else:
             body[f.api] = value
 
-    entries = [{"key": mirror_id_key, "value": str(mirror_id)}]
+    entries: list[dict[str, str | None]] = [{"key": mirror_id_key, "value": str(mirror_id)}]
     if "external_data" in diff:
         local = strip_key(mirror.get("external_data"), mirror_id_key)
         base = strip_key(shadow.get("external_data"), mirror_id_key) or {}

@@ -31,6 +31,6 @@ def classify(status: int, body: Any) -> Outcome:
 
 def backoff_seconds(attempt: int, base: float, cap: float, rng: random.Random | None = None) -> float:
     """Exponential backoff with jitter: half fixed, half random, of min(cap, base * 2**(attempt-1))."""
-    r = rng or random
+    r: Any = rng or random
     ceiling = min(cap, base * (2 ** max(0, attempt - 1)))
-    return ceiling / 2 + r.uniform(0, ceiling / 2)
+    return float(ceiling / 2 + r.uniform(0, ceiling / 2))
