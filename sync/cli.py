@@ -135,6 +135,138 @@ def status(obj: Ctx, as_json: bool) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else st.render(data))
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8765, show_default=True, type=int)
+@click.option("--tenant-id", default=1, show_default=True, type=int)
+@click.option("--customers", "seed_customers", default=0, show_default=True, type=int,
+              help="Seed this many customers.")
+@click.option("--locations", "seed_locations", default=0, show_default=True, type=int,
+              help="Seed this many locations.")
+@click.option("--rate-limit", default=60.0, show_default=True, type=float,
+              help="Requests per second per tenant before 429 (0 disables).")
+@click.option("--latency-ms", default="0,0", show_default=True, help="Uniform random latency range LO,HI.")
+@friendly_errors
+def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_locations: int,
+            rate_limit: float, latency_ms: str) -> None:
+    """Serve the built-in ServiceTitan sandbox (a CRM v2 simulator) on HOST:PORT."""
+    from sync.sandbox import Sandbox
+    from sync.sandbox.server import serve
+
+    lo, _, hi = latency_ms.partition(",")
+    sb = Sandbox(tenant_id=tenant_id, rate_limit_per_second=rate_limit or None,
+                 latency_ms=(float(lo), float(hi or lo)))
+    if seed_customers or seed_locations:
+        sb.seed(customers=seed_customers, locations=seed_locations)
+    click.echo(f"sandbox: tenant {tenant_id} on http://{host}:{port} "
+               f"(client_id={sb.client_id}, app key and secret: see docs/sandbox.md)", err=True)
+    serve(sb, host, port)
+
+
+def _engine(obj: Ctx) -> Any:
+    from sync import db
+
+    cfg = obj.config()
+    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
+    db.check_current(engine, cfg.db_schema)
+    return engine
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[("" if r.get(c) is None else str(r.get(c)))[:60] for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+@cli.group()
+def outbox() -> None:
+    """Inspect and act on outbox rows (safe while the daemon runs)."""
+
+
+@outbox.command("list")
+@click.option("--state", type=click.Choice(["pending", "in_flight", "succeeded", "dead", "superseded"]))
+@click.option("--entity", type=click.Choice(["customer", "location"]))
+@click.option("--limit", default=50, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@friendly_errors
+def outbox_list(obj: Ctx, state: str | None, entity: str | None, limit: int, as_json: bool) -> None:
+    """Newest rows first."""
+    from sync import outbox_admin
+
+    with _engine(obj).connect() as conn:
+        rows = outbox_admin.list_rows(conn, state=state, entity=entity, limit=limit)
+    click.echo(json.dumps(rows, indent=2) if as_json else _table(
+        rows, ["id", "entity", "mirror_id", "st_id", "state", "attempts", "last_status", "updated_at",
+               "error_title"]))
+
+
+@outbox.command("show")
+@click.argument("outbox_id", type=int)
+@click.pass_obj
+@friendly_errors
+def outbox_show(obj: Ctx, outbox_id: int) -> None:
+    """Payload, diff, and every attempt with its status and error body."""
+    from sync import outbox_admin
+
+    with _engine(obj).connect() as conn:
+        click.echo(json.dumps(outbox_admin.show(conn, outbox_id), indent=2, default=str))
+
+
+@outbox.command("retry")
+@click.argument("outbox_id", type=int, required=False)
+@click.option("--all-dead", is_flag=True, help="Retry every dead row.")
+@click.pass_obj
+@friendly_errors
+def outbox_retry(obj: Ctx, outbox_id: int | None, all_dead: bool) -> None:
+    """Send a dead row again (fresh attempts; the body is recomputed from the mirror)."""
+    from sync import outbox_admin
+
+    if (outbox_id is None) == (not all_dead):
+        raise click.UsageError("give one outbox ID or --all-dead")
+    with _engine(obj).begin() as conn:
+        n = outbox_admin.retry(conn, outbox_id, all_dead=all_dead)
+    click.echo(f"{n} row(s) queued again")
+
+
+@outbox.command("discard")
+@click.argument("outbox_id", type=int)
+@click.pass_obj
+@friendly_errors
+def outbox_discard(obj: Ctx, outbox_id: int) -> None:
+    """Close a pending or dead row without sending it."""
+    from sync import outbox_admin
+
+    with _engine(obj).begin() as conn:
+        outbox_admin.discard(conn, outbox_id)
+    click.echo(f"outbox row {outbox_id} discarded")
+
+
+@cli.group()
+def conflicts() -> None:
+    """Fields changed on both sides and how the policy resolved them."""
+
+
+@conflicts.command("list")
+@click.option("--entity", type=click.Choice(["customer", "location"]))
+@click.option("--limit", default=50, show_default=True, type=int)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@friendly_errors
+def conflicts_list(obj: Ctx, entity: str | None, limit: int, as_json: bool) -> None:
+    from sync import outbox_admin
+
+    with _engine(obj).connect() as conn:
+        rows = outbox_admin.conflicts(conn, limit=limit, entity=entity)
+    click.echo(json.dumps(rows, indent=2) if as_json else _table(
+        rows, ["id", "entity", "mirror_id", "st_id", "field", "local_value", "remote_value", "outcome",
+               "detected_at"]))
+
+
 def main() -> None:
     cli(prog_name="stsync")
 

@@ -105,14 +105,15 @@ class ServiceTitanClient:
 
     # ---------------------------------------------------------------------------------------- auth
 
-    async def token(self, *, force: bool = False) -> str:
-        """A valid access token; fetched once and shared, refreshed shortly before expiry."""
-        stale = self._token
+    async def token(self, *, rejected: str | None = None) -> str:
+        """A valid access token; fetched once and shared, refreshed shortly before expiry.
+
+        ``rejected`` is a token ServiceTitan just answered 401 to: it is replaced once, however many
+        requests were rejected with it.
+        """
         async with self._token_lock:
-            if self._token and not force and time.monotonic() < self._token_expires:
+            if self._token and self._token != rejected and time.monotonic() < self._token_expires:
                 return self._token
-            if force and self._token is not None and self._token != stale:
-                return self._token  # another caller refreshed while we waited
             self._token = await self._fetch_token()
             return self._token
 
@@ -154,8 +155,14 @@ class ServiceTitanClient:
 
         A 401 refreshes the token once and resends; a 429 pauses the shared limiter for Retry-After.
         """
+        token: str | None = None
         for auth_try in range(2):
-            token = await self.token(force=auth_try > 0)
+            try:
+                token = await self.token(rejected=token)
+            except AuthError:
+                raise
+            except ServiceTitanError as exc:  # token endpoint unreachable: transient, like any connection error
+                return ApiResponse(0, None, 0.0, error=str(exc))
             await self.limiter.acquire()
             started = time.perf_counter()
             try:

@@ -115,6 +115,12 @@ class RetryConfig(_Section):
     max_delay_seconds: float = Field(default=300.0, gt=0)
 
 
+class HousekeepingConfig(_Section):
+    retain_days: float = Field(default=14.0, gt=0)
+    """Succeeded and superseded outbox rows (and their attempts) older than this are deleted."""
+    interval_seconds: float = Field(default=3600.0, gt=0)
+
+
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["json", "console"] = "json"
@@ -130,6 +136,7 @@ class Config(_Section):
     servicetitan: ServiceTitanConfig
     sync: SyncConfig = SyncConfig()
     retry: RetryConfig = RetryConfig()
+    housekeeping: HousekeepingConfig = HousekeepingConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @property

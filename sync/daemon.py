@@ -23,7 +23,11 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from sync import db
+from sync.client import ServiceTitanClient
 from sync.config import Config
+from sync.detect import detect_all, preview
+from sync.dispatch import Dispatcher
+from sync.errors import StsyncError
 from sync.log import get_logger
 
 log = get_logger("stsync.daemon")
@@ -79,25 +83,78 @@ class Daemon:
         self.cfg = cfg
         self.dry_run = dry_run
         self.worker = worker_id()
+        self._owns_engine = engine is None
         self.engine = engine or db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
         self.transport = transport
         self.scheduler: AsyncIOScheduler | None = None
         self.stopping = asyncio.Event()
         self.log = log.bind(tenant=cfg.servicetitan.tenant_id, worker=self.worker)
+        self.client = ServiceTitanClient(cfg.servicetitan, transport=transport)
+        self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker)
+        self.dry_run_requests: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------ jobs
 
+    async def _guard(self, job: str, coro: Any) -> dict[str, Any]:
+        """Run a job body; an outage is logged as one line and survived (the next run retries)."""
+        try:
+            result: dict[str, Any] = await coro
+            return result
+        except StsyncError as exc:
+            self.log.error(f"{job}.failed", error=str(exc))
+        except Exception as exc:
+            from sqlalchemy.exc import DBAPIError
+
+            if isinstance(exc, DBAPIError):
+                self.log.error(f"{job}.failed", error="database: " + str(exc.orig or exc).strip().splitlines()[0])
+            else:
+                self.log.exception(f"{job}.crashed", error=repr(exc))
+        return {"error": True}
+
     async def pull_job(self) -> dict[str, Any]:
-        return {}
+        if self.dry_run:
+            self.log.info("pull.skipped_dry_run")
+            return {}
+        return await self._guard("pull", self._pull())
+
+    async def _pull(self) -> dict[str, Any]:
+        try:
+            from sync.pull import pull
+        except ImportError:
+            return {}
+        result: dict[str, Any] = await pull(self.engine, self.client, self.cfg)
+        return result
 
     async def detect_job(self) -> dict[str, Any]:
-        return {}
+        if self.dry_run:
+            return {}
+        return await self._guard("detect", self._detect())
+
+    async def _detect(self) -> dict[str, Any]:
+        result = await asyncio.to_thread(detect_all, self.engine, self.cfg)
+        if result.enqueued or result.rows:
+            self.wake("dispatch")
+        return result.as_dict()
 
     async def dispatch_job(self) -> dict[str, Any]:
-        return {}
+        if self.dry_run:
+            return await self._guard("dispatch", self._dry_run())
+        return await self._guard("dispatch", self.dispatcher.run(self.stopping))
+
+    async def _dry_run(self) -> dict[str, Any]:
+        planned = await asyncio.to_thread(preview, self.engine, self.cfg)
+        for req in planned:
+            self.log.info("outbox.dry_run", **req)
+        self.dry_run_requests = planned
+        return {"would_send": len(planned), "requests": planned}
 
     async def housekeeping_job(self) -> dict[str, Any]:
-        return {}
+        if self.dry_run:
+            return {}
+        from sync.housekeeping import prune
+
+        return await self._guard("housekeeping", asyncio.to_thread(
+            prune, self.engine, self.cfg.housekeeping.retain_days))
 
     # ------------------------------------------------------------------------------------- lifecycle
 
@@ -130,7 +187,8 @@ class Daemon:
                       next_run_time=datetime.now(UTC))
         sched.add_job(self.dispatch_job, "interval", seconds=cfg.push_interval_seconds, id="dispatch",
                       next_run_time=datetime.now(UTC))
-        sched.add_job(self.housekeeping_job, "interval", seconds=3600, id="housekeeping")
+        sched.add_job(self.housekeeping_job, "interval", seconds=self.cfg.housekeeping.interval_seconds,
+                      id="housekeeping")
         self.scheduler = sched
         listener = NotifyListener(self.cfg.database_url(), db.notify_channel(self.cfg.db_schema),
                                   lambda: loop.call_soon_threadsafe(self.wake, "detect"))
@@ -147,21 +205,25 @@ class Daemon:
             self.log.info("daemon.stopped")
 
     async def close(self) -> None:
-        self.engine.dispose()
+        await self.client.aclose()
+        if self._owns_engine:
+            self.engine.dispose()
 
 
 def run_daemon(cfg: Config, *, dry_run: bool = False) -> None:
     engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
     db.check_current(engine, cfg.db_schema)
-    asyncio.run(Daemon(cfg, dry_run=dry_run, engine=engine).run_forever())
+    engine.dispose()
+    asyncio.run(Daemon(cfg, dry_run=dry_run).run_forever())
 
 
 def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:
-    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
+    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
     db.check_current(engine, cfg.db_schema)
+    engine.dispose()
 
     async def _main() -> dict[str, Any]:
-        d = Daemon(cfg, dry_run=dry_run, engine=engine)
+        d = Daemon(cfg, dry_run=dry_run)
         started = time.monotonic()
         try:
             out = await d.cycle()

@@ -29,14 +29,18 @@ class RateLimiter:
         self.interval = 1.0 / rate
 
     async def acquire(self) -> None:
-        """Wait for this caller's slot."""
-        async with self._lock:
-            now = time.monotonic()
-            start = max(self._next, self._paused_until, now - (self.burst - 1) * self.interval)
-            self._next = start + self.interval
-        delay = start - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+        """Wait for this caller's slot; a pause that begins while waiting moves the slot back."""
+        while True:
+            async with self._lock:
+                now = time.monotonic()
+                start = max(self._next, self._paused_until, now - (self.burst - 1) * self.interval)
+                self._next = start + self.interval
+                paused_until = self._paused_until
+            delay = start - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if self._paused_until == paused_until:
+                return
 
     def pause(self, seconds: float) -> None:
         """Nobody sends for ``seconds`` (a 429 told us so); later slots move back accordingly."""

@@ -181,3 +181,5 @@ def log_recheck(conn: Connection, entity: Entity, mirror_ids: Iterable[int]) -> 
             text("INSERT INTO change_log (entity, mirror_id, op) SELECT :e, unnest(CAST(:ids AS bigint[])), 'R'"),
             {"e": entity, "ids": ids},
         )
+        # stsync's own writes bypass the NOTIFY trigger: wake detect explicitly (delivered at commit)
+        conn.execute(text("SELECT pg_notify(current_schema() || '_changes', 'recheck')"))

@@ -113,5 +113,5 @@ def test_database_url_override_flag(config_file: Path, fresh_db: str) -> None:
 def test_version_and_help() -> None:
     assert stsync("--version").stdout.startswith("stsync, version")
     helptext = stsync("--help").stdout
-    for cmd in ("migrate", "run", "once", "status", "check-config"):
+    for cmd in ("migrate", "run", "once", "status", "check-config", "sandbox", "outbox", "conflicts"):
         assert cmd in helptext
