@@ -989,16 +989,21 @@ class Sandbox:
             if not ok:
                 errors.setdefault(key, []).append(f"Invalid value for {key}.")
         address = body.get("address")
-        if address is not None:
-            if not isinstance(address, Mapping):
-                errors.setdefault("address", []).append("The address must be an object.")
-            else:
-                extra = set(address) - {*_ADDRESS_TEXT, "latitude", "longitude"}
-                for k in sorted(extra):
-                    errors.setdefault(f"address.{k}", []).append(f"The field {k} is not a known field.")
-                for k in ("state", "country"):
-                    if not isinstance(address.get(k), str):
-                        errors.setdefault(f"address.{k}", []).append(f"The {k.capitalize()} field is required.")
+        if "address" in body and not isinstance(address, Mapping):
+            errors.setdefault("address", []).append("The address must be an object.")
+        elif isinstance(address, Mapping):
+            extra = set(address) - {*_ADDRESS_TEXT, "latitude", "longitude"}
+            for k in sorted(extra):
+                errors.setdefault(f"address.{k}", []).append(f"The field {k} is not a known field.")
+            for k in ("state", "country"):
+                if not isinstance(address.get(k), str):
+                    errors.setdefault(f"address.{k}", []).append(f"The {k.capitalize()} field is required.")
+            if not isinstance(address.get("unit"), str | None):
+                errors.setdefault("address.unit", []).append("The Unit field must be a string.")
+            for k in ("latitude", "longitude"):
+                value = address.get(k)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                    errors.setdefault(f"address.{k}", []).append(f"The {k.capitalize()} field must be a number.")
         _model_errors(body, errors)
         if errors:
             raise ApiError(400, VALIDATION_TITLE, errors)
