@@ -1,0 +1,578 @@
+"""The pull path: ServiceTitan's export feeds -> three-way merge (sync.merge) -> mirror and shadow.
+
+``pull`` drains ``/export/customers`` then ``/export/locations`` from the stored ``continueFrom`` token. Each page
+is applied in ONE transaction that also stores the page's ``continueFrom``: a crash anywhere resumes at the first
+page not yet committed, with no gap and no duplicate. The transaction runs with the trigger bypass, so the pull's
+own mirror writes never enter the change log (no echo, never a PATCH).
+
+The work per page is batched: one query each for the mirror ids, the mirror rows, the shadows, the outbox rows
+and (``newest_wins`` only) the local change times; writes go as ``jsonb_to_recordset`` statements (one per set of
+changed columns), so a page of 5,000 records is a handful of round trips. HTTP runs on the event loop and the
+database work in a worker thread; the next page is fetched while the current one is applied.
+
+See docs/pull.md for the decisions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, bindparam, text
+from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
+
+from sync import db, records
+from sync.client import ApiResponse, ServiceTitanClient
+from sync.config import Config
+from sync.errors import ServiceTitanError
+from sync.fields import BY_COLUMN, ENTITIES, FIELDS, TABLES, Entity, Kind, parse_timestamp, record_from_api
+from sync.log import get_logger
+from sync.merge import MergeResult, Policy, is_echo, is_stale, merge
+from sync.retry import Outcome, backoff_seconds, classify
+
+_log = get_logger("stsync.pull")
+
+FEEDS: dict[Entity, str] = {"customer": "customers", "location": "locations"}
+"""Feed name (``feed_cursors.feed``) and export collection per entity."""
+
+PULL_ATTEMPTS = 4
+"""Tries per export page / customer GET on transient failures (5xx, timeouts) before the pull gives up."""
+MAX_RATE_LIMITED_WAITS = 50
+CUSTOMER_FETCH_CONCURRENCY = 8
+
+ProgressCallback = Callable[[str, int, float], None]
+"""``progress(feed, records_so_far, records_per_second)``, called after each page."""
+
+_SQL_TYPES: dict[Kind, str] = {
+    "text": "text", "float": "double precision", "bool": "boolean", "int": "bigint", "timestamp": "timestamptz",
+    "id_list": "bigint[]", "custom_fields": "jsonb", "external_data": "jsonb",
+}
+_NOT_NULL_BOOLS: dict[str, bool] = {"active": True, "do_not_mail": False, "do_not_service": False}
+"""Mirror columns declared NOT NULL with these defaults: a missing remote value becomes the default everywhere
+(mirror and shadow alike), so it never shows as a local diff."""
+_IDS = bindparam("ids", type_=ARRAY(BIGINT))
+
+
+class CursorMovedError(Exception):
+    """Another pull (a second replica) advanced this feed meanwhile: this one stops, nothing is applied twice."""
+
+
+@dataclass
+class FeedStats:
+    pages: int = 0
+    records: int = 0
+    """Records in the pages, as received (repeats and skipped ones included)."""
+    applied: int = 0
+    """Existing mirror records whose mirror or shadow changed."""
+    inserted: int = 0
+    unchanged: int = 0
+    """Repeats and echoes (remote equal to the shadow), and stale versions: no write at all."""
+    stale: int = 0
+    conflicts: int = 0
+    skipped: int = 0
+    tombstoned: int = 0
+    customers_fetched: int = 0
+    rechecks: int = 0
+
+    def add(self, other: FeedStats) -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
+
+
+@dataclass(frozen=True)
+class Page:
+    has_more: bool
+    continue_from: str | None
+    data: list[Any]
+
+
+@dataclass
+class _Work:
+    """What one page writes, collected before any write."""
+
+    inserts: list[tuple[int, dict[str, Any], int | None]] = field(default_factory=list)
+    """(st_id, record, customer mirror id)"""
+    updates: dict[tuple[str, ...], list[dict[str, Any]]] = field(default_factory=dict)
+    """changed columns -> rows for one UPDATE each"""
+    shadows: list[dict[str, Any]] = field(default_factory=list)
+    conflicts: list[dict[str, Any]] = field(default_factory=list)
+    rechecks: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------------- entry
+
+
+async def pull(engine: Engine, client: ServiceTitanClient, cfg: Config, *, log: Any = None,
+               progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Drain the customer feed, then the location feed. Returns ``{feed: summary}``.
+
+    Raises ``ServiceTitanError`` when ServiceTitan answers an export page with an error (after retries for
+    transient ones) or with a body that is not ``{hasMore, continueFrom, data}``; the cursor then stays at the
+    last page applied.
+    """
+    lg = log or _log
+    return {FEEDS[e]: await pull_feed(engine, client, cfg, e, log=lg, progress=progress) for e in ENTITIES}
+
+
+async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, entity: Entity, *,
+                    log: Any = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
+    """Follow one export feed until ``hasMore`` is false; one transaction per page."""
+    lg = log or _log
+    feed = FEEDS[entity]
+    stored, initial_done = await asyncio.to_thread(_read_cursor, engine, feed)
+    token = stored or (None if initial_done else cfg.sync.initial_from)
+    totals = FeedStats()
+    started = time.monotonic()
+    drained = moved = False
+
+    fetch: asyncio.Task[Page] | None = asyncio.create_task(_fetch_page(client, cfg, feed, token, lg))
+    try:
+        while fetch is not None:
+            page = await fetch
+            fetch = None
+            fetched: dict[int, dict[str, Any] | None] = {}
+            if entity == "location":
+                fetched = await _fetch_missing_customers(engine, client, cfg, page.data, lg)
+            if page.has_more:
+                fetch = asyncio.create_task(_fetch_page(client, cfg, feed, page.continue_from, lg))
+            page_started = time.monotonic()
+            try:
+                stats = await asyncio.to_thread(_apply_page, engine, cfg, entity, page, stored, fetched, lg)
+            except CursorMovedError:
+                moved = True
+                lg.warning("pull.cursor_moved", feed=feed)
+                break
+            stored = page.continue_from or stored
+            totals.add(stats)
+            elapsed = max(time.monotonic() - started, 1e-6)
+            lg.info("pull.page_applied", feed=feed, records=stats.records, applied=stats.applied,
+                    inserted=stats.inserted, unchanged=stats.unchanged, conflicts=stats.conflicts,
+                    skipped=stats.skipped, duration_ms=round((time.monotonic() - page_started) * 1000, 1))
+            if progress is not None:
+                progress(feed, totals.records, totals.records / elapsed)
+            drained = not page.has_more
+    finally:
+        if fetch is not None:
+            fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await fetch
+
+    duration = time.monotonic() - started
+    summary: dict[str, Any] = {**asdict(totals), "drained": drained, "duration_s": round(duration, 3),
+                               "rate": round(totals.records / duration, 1) if duration > 0 else None}
+    if moved:
+        summary["cursor_moved"] = True
+    if drained:
+        lg.info("pull.feed_drained", feed=feed, pages=totals.pages, records=totals.records, applied=totals.applied,
+                inserted=totals.inserted, unchanged=totals.unchanged, conflicts=totals.conflicts,
+                duration_ms=round(duration * 1000, 1), rate=summary["rate"])
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------------- HTTP
+
+
+async def _call(what: str, cfg: Config, log: Any, send: Callable[[], Any]) -> ApiResponse:
+    """One API call with the pull's retry rules: 429 waits (the client's limiter already paused), transient
+    failures back off up to PULL_ATTEMPTS tries; anything else comes back to the caller as is."""
+    attempt = waits = 0
+    while True:
+        resp: ApiResponse = await send()
+        outcome = classify(resp.status, resp.body)
+        if outcome == Outcome.RATE_LIMITED and waits < MAX_RATE_LIMITED_WAITS:
+            waits += 1
+            await asyncio.sleep(resp.retry_after_s if resp.retry_after_s is not None else 1.0)
+            continue
+        if outcome != Outcome.RETRY:
+            return resp
+        attempt += 1
+        if attempt >= PULL_ATTEMPTS:
+            return resp
+        delay = backoff_seconds(attempt, cfg.retry.base_delay_seconds, min(cfg.retry.max_delay_seconds, 30.0))
+        log.warning("pull.retrying", request=what, status=resp.status, error=resp.error, attempt=attempt,
+                    delay_s=round(delay, 3))
+        await asyncio.sleep(delay)
+
+
+def _describe(resp: ApiResponse) -> str:
+    if resp.status == 0:
+        return f"no answer ({resp.error or 'connection error'})"
+    title = resp.body.get("title") if isinstance(resp.body, dict) else None
+    return f"{resp.status}" + (f" {str(title).splitlines()[0][:200]}" if title else "")
+
+
+async def _fetch_page(client: ServiceTitanClient, cfg: Config, feed: str, token: str | None, log: Any) -> Page:
+    resp = await _call(f"export/{feed}", cfg, log, lambda: client.export(
+        feed, token, include_recent_changes=cfg.sync.include_recent_changes))
+    if not (200 <= resp.status < 300):
+        raise ServiceTitanError(f"GET /export/{feed} answered {_describe(resp)}", status=resp.status, body=resp.body)
+    return parse_page(feed, resp.body)
+
+
+def parse_page(feed: str, body: Any) -> Page:
+    """An export answer as a Page; ServiceTitanError (one line) when it is not ``{hasMore, continueFrom, data}``."""
+    if not (isinstance(body, dict) and isinstance(body.get("hasMore"), bool) and isinstance(body.get("data"), list)
+            and isinstance(body.get("continueFrom"), str | None) and "continueFrom" in body):
+        got = sorted(body)[:6] if isinstance(body, dict) else type(body).__name__
+        raise ServiceTitanError(f"GET /export/{feed} answered a body that is not {{hasMore, continueFrom, data}} "
+                                f"(got {got})", body=body if isinstance(body, dict) else None)
+    if body["hasMore"] and not body["continueFrom"]:
+        raise ServiceTitanError(f"GET /export/{feed} answered hasMore=true without a continueFrom token")
+    return Page(body["hasMore"], body["continueFrom"] or None, body["data"])
+
+
+async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, cfg: Config, data: list[Any],
+                                   log: Any) -> dict[int, dict[str, Any] | None]:
+    """GET the customers this location page refers to that the mirror lacks: st_id -> record (None: 404)."""
+    wanted = {raw.get("customerId") for raw in data if isinstance(raw, dict)}
+    ids = {i for i in wanted if isinstance(i, int) and not isinstance(i, bool)}
+    if not ids:
+        return {}
+
+    def known() -> set[int]:
+        with db.connect(engine) as conn:
+            return set(records.customer_mirror_ids(conn, ids))
+
+    missing = sorted(ids - await asyncio.to_thread(known))
+    if not missing:
+        return {}
+    gate = asyncio.Semaphore(CUSTOMER_FETCH_CONCURRENCY)
+
+    async def one(st_id: int) -> tuple[int, dict[str, Any] | None]:
+        async with gate:
+            resp = await _call(f"customers/{st_id}", cfg, log, lambda: client.get("customers", st_id))
+        if resp.status == 404:
+            log.warning("pull.customer_not_found", customer_st_id=st_id)
+            return st_id, None
+        if not resp.ok:
+            raise ServiceTitanError(f"GET /customers/{st_id} answered {_describe(resp)}", status=resp.status,
+                                    body=resp.body)
+        log.info("pull.customer_fetched", customer_st_id=st_id)
+        return st_id, _normalise(record_from_api("customer", resp.body))
+
+    return dict(await asyncio.gather(*(one(i) for i in missing)))
+
+
+# ---------------------------------------------------------------------------------------------------- cursor
+
+
+def _read_cursor(engine: Engine, feed: str) -> tuple[str | None, bool]:
+    with db.connect(engine) as conn, conn.begin():
+        conn.execute(text("INSERT INTO feed_cursors (feed) VALUES (:f) ON CONFLICT (feed) DO NOTHING"), {"f": feed})
+        row = conn.execute(text("SELECT continue_from, initial_load_done FROM feed_cursors WHERE feed = :f"),
+                           {"f": feed}).one()
+    return row[0], bool(row[1])
+
+
+def _lock_cursor(conn: Connection, feed: str, expected: str | None) -> None:
+    current = conn.execute(text("SELECT continue_from FROM feed_cursors WHERE feed = :f FOR UPDATE"),
+                           {"f": feed}).scalar_one()
+    if current != expected:
+        raise CursorMovedError(feed)
+
+
+def _store_cursor(conn: Connection, feed: str, page: Page) -> None:
+    conn.execute(
+        text("""UPDATE feed_cursors SET continue_from = coalesce(:tok, continue_from),
+                       initial_load_done = initial_load_done OR :drained, records_seen = records_seen + :n,
+                       last_pull_at = now(), updated_at = now()
+                WHERE feed = :f"""),
+        {"f": feed, "tok": page.continue_from, "drained": not page.has_more, "n": len(page.data)},
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- apply
+
+
+def _normalise(rec: dict[str, Any]) -> dict[str, Any]:
+    for column, default in _NOT_NULL_BOOLS.items():
+        if column in rec and rec[column] is None:
+            rec[column] = default
+    return rec
+
+
+def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any) -> dict[int, dict[str, Any]]:
+    """st_id -> canonical record; a record repeated within the page counts once (the newest version)."""
+    out: dict[int, dict[str, Any]] = {}
+    for i, raw in enumerate(data):
+        st_id = raw.get("id") if isinstance(raw, dict) else None
+        if not isinstance(st_id, int) or isinstance(st_id, bool):
+            stats.skipped += 1
+            log.warning("pull.record_skipped", entity=entity, position=i, reason="no id")
+            continue
+        try:
+            rec = _normalise(record_from_api(entity, raw))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            stats.skipped += 1
+            log.warning("pull.record_skipped", entity=entity, st_id=st_id, reason=type(exc).__name__,
+                        error=str(exc)[:200])
+            continue
+        seen = out.get(st_id)
+        if seen is not None and _newer(seen, rec):
+            continue
+        out[st_id] = rec
+    return out
+
+
+def _newer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """``a`` is strictly newer than ``b`` by modifiedOn (later in the page wins ties)."""
+    try:
+        return bool(a.get("modified_on") and b.get("modified_on")
+                    and parse_timestamp(a["modified_on"]) > parse_timestamp(b["modified_on"]))
+    except ValueError:
+        return False
+
+
+def _apply_page(engine: Engine, cfg: Config, entity: Entity, page: Page, expected: str | None,
+                fetched: dict[int, dict[str, Any] | None], log: Any) -> FeedStats:
+    feed = FEEDS[entity]
+    stats = FeedStats(pages=1, records=len(page.data))
+    with db.connect(engine) as conn, conn.begin():
+        db.bypass_triggers(conn)
+        _lock_cursor(conn, feed, expected)
+        recs = _parse_records(entity, page.data, stats, log)
+        customer_ids: dict[int, int] | None = None
+        if entity == "location":
+            customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, log)
+        _apply_records(conn, cfg, entity, recs, stats, log, customer_ids)
+        _store_cursor(conn, feed, page)
+    return stats
+
+
+def _resolve_customers(conn: Connection, cfg: Config, recs: dict[int, dict[str, Any]],
+                       fetched: dict[int, dict[str, Any] | None], stats: FeedStats, log: Any) -> dict[int, int]:
+    """ServiceTitan customer id -> mirror id for this location page; fetched customers are applied first.
+
+    A location whose customer cannot be resolved (GET answered 404) keeps ``customer_id`` NULL, and so does its
+    shadow (``customer_st_id`` None), so the push path never sees a change to send.
+    """
+    wanted = {r["customer_st_id"] for r in recs.values() if r.get("customer_st_id") is not None}
+    known = records.customer_mirror_ids(conn, wanted)
+    arrived = {st: rec for st, rec in fetched.items() if rec is not None and st in wanted and st not in known}
+    if arrived:
+        cust = FeedStats()
+        _apply_records(conn, cfg, "customer", arrived, cust, log, None)
+        stats.customers_fetched += cust.inserted + cust.applied
+        stats.conflicts += cust.conflicts
+        known.update(records.customer_mirror_ids(conn, arrived))
+    for st_id, rec in recs.items():
+        cst = rec.get("customer_st_id")
+        if cst is not None and cst not in known:
+            log.warning("pull.location_without_customer", location_st_id=st_id, customer_st_id=cst)
+            rec["customer_st_id"] = None
+    return known
+
+
+def _local_change_times(conn: Connection, entity: Entity, ids: list[int]) -> dict[int, datetime]:
+    rows = conn.execute(
+        text("""SELECT mirror_id, max(changed_at) FROM change_log
+                WHERE entity = :e AND mirror_id = ANY(:ids) AND op IN ('I', 'U')
+                GROUP BY mirror_id""").bindparams(_IDS),
+        {"e": entity, "ids": ids})
+    return {mid: at for mid, at in rows}
+
+
+def _in_flight_values(diff: Any, local: Mapping[str, Any]) -> dict[str, Any]:
+    """outbox.diff ({column: [shadow value, mirror value]}) as {column: value being sent}."""
+    if not isinstance(diff, dict):
+        return {}
+    return {c: (v[1] if isinstance(v, list) and len(v) == 2 else local.get(c)) for c, v in diff.items()}
+
+
+def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, dict[str, Any]],
+                   stats: FeedStats, log: Any, customer_ids: dict[int, int] | None) -> None:
+    """Merge ``recs`` (st_id -> remote canonical record) into the mirror and shadow; batched writes."""
+    if not recs:
+        return
+    policy: Policy = cfg.sync.conflict_policy
+    table = TABLES[entity]
+    existing = records.mirror_ids_by_st_id(conn, entity, recs)
+    new = {s for s in recs if s not in existing}
+    if new:
+        buried = {s for (s,) in conn.execute(
+            text("SELECT DISTINCT st_id FROM tombstones WHERE entity = :e AND st_id = ANY(:ids)").bindparams(_IDS),
+            {"e": entity, "ids": list(new)})}
+        for s in buried:
+            log.info("pull.record_tombstoned", entity=entity, st_id=s)
+        stats.tombstoned += len(buried)
+        new -= buried
+
+    # Repeats and echoes (remote == shadow) and stale versions need neither the mirror row nor a lock.
+    sync_active = cfg.sync.sync_active
+    shadows = records.load_shadows(conn, entity, existing.values())
+    todo: dict[int, int] = {}
+    for st_id, mid in existing.items():
+        base, remote = shadows.get(mid), recs[st_id]
+        if base is not None and is_stale(base, remote):
+            stats.stale += 1
+            stats.unchanged += 1
+        elif base is not None and is_echo(entity, base, remote, sync_active=sync_active):
+            stats.unchanged += 1
+        else:
+            todo[st_id] = mid
+
+    ids = sorted(todo.values())
+    mirror: dict[int, records.MirrorRow] = {}
+    outbox: dict[int, dict[str, Any]] = {}
+    changed_at: dict[int, datetime] = {}
+    if ids:
+        # lock in id order (no deadlock between two pulls), so no local write slips between read and write
+        conn.execute(text(f"SELECT id FROM {table} WHERE id = ANY(:ids) ORDER BY id FOR UPDATE").bindparams(_IDS),
+                     {"ids": ids})
+        mirror = records.load_mirror(conn, entity, ids)
+        shadows.update(records.load_shadows(conn, entity, ids))  # again, under the lock
+        for mid, state, diff, updated_at in conn.execute(
+            text("""SELECT mirror_id, state, diff, updated_at FROM outbox
+                    WHERE entity = :e AND mirror_id = ANY(:ids) AND state IN ('pending', 'in_flight')""")
+                .bindparams(_IDS), {"e": entity, "ids": ids}):
+            slot = outbox.setdefault(mid, {})
+            slot[state] = diff
+            if updated_at is not None:
+                slot["at"] = max(slot.get("at", updated_at), updated_at)
+        if policy == "newest_wins":
+            changed_at = _local_change_times(conn, entity, ids)
+
+    work = _Work()
+    now = datetime.now(UTC)
+    for st_id in sorted(new):
+        work.inserts.append((st_id, recs[st_id], _customer_mid(recs[st_id], customer_ids)))
+    for st_id, mid in todo.items():
+        remote = recs[st_id]
+        row = mirror.get(mid)
+        if row is None:  # deleted between the id lookup and the lock
+            continue
+        ob = outbox.get(mid, {})
+        local_times = [t for t in (changed_at.get(mid), ob.get("at")) if t is not None]
+        remote_mod = parse_timestamp(remote["modified_on"]) if remote.get("modified_on") else None
+        result = merge(entity, shadows.get(mid), row.record, remote, policy, remote_modified_on=remote_mod,
+                       local_changed_at=max(local_times) if local_times else now, sync_active=cfg.sync.sync_active,
+                       in_flight=_in_flight_values(ob.get("in_flight"), row.record))
+        if result.stale:
+            stats.stale += 1
+        if not result.changed:
+            stats.unchanged += 1
+            continue
+        stats.applied += 1
+        _collect(work, entity, mid, st_id, result, customer_ids, policy)
+        stats.conflicts += len(result.conflicts)
+        for c in result.conflicts:
+            log.info("pull.conflict", entity=entity, mirror_id=mid, st_id=st_id, field=c.field, policy=policy,
+                     outcome=c.outcome)
+        if ob or any(c.outcome == "local" for c in result.conflicts):
+            work.rechecks.append(mid)
+
+    _write(conn, entity, work, stats)
+
+
+def _customer_mid(rec: Mapping[str, Any], customer_ids: dict[int, int] | None) -> int | None:
+    cst = rec.get("customer_st_id")
+    return None if customer_ids is None or cst is None else customer_ids.get(cst)
+
+
+def _collect(work: _Work, entity: Entity, mid: int, st_id: int, result: MergeResult,
+             customer_ids: dict[int, int] | None, policy: Policy) -> None:
+    if result.mirror_updates or result.shadow_changed:
+        cols = tuple(sorted(result.mirror_updates))
+        row = {c: result.mirror_updates[c] for c in cols}
+        if "customer_st_id" in row:
+            row["customer_st_id"] = _customer_mid(result.mirror_updates, customer_ids)
+        row["stsync_id"] = mid
+        row["stsync_synced"] = not result.push_needed
+        work.updates.setdefault(cols, []).append(row)
+    if result.shadow_changed:
+        work.shadows.append({"mirror_id": mid, "st_id": st_id, "data": result.new_shadow,
+                             "modified_on": result.new_shadow.get("modified_on")})
+    for c in result.conflicts:
+        work.conflicts.append({"e": entity, "m": mid, "s": st_id, "f": c.field, "b": json.dumps(c.base),
+                               "l": json.dumps(c.local), "r": json.dumps(c.remote), "p": policy, "o": c.outcome})
+
+
+def _recordset(entity: Entity, columns: tuple[str, ...], extra: str) -> str:
+    """``r(col type, ...)`` for jsonb_to_recordset; ``customer_st_id`` carries the customer's mirror id."""
+    defs = [f"{c} bigint" if c == "customer_st_id" else f"{c} {_SQL_TYPES[BY_COLUMN[entity][c].kind]}"
+            for c in columns]
+    return "r(" + ", ".join([*defs, extra]) + ")"
+
+
+def _db_column(column: str) -> str:
+    return "customer_id" if column == "customer_st_id" else column
+
+
+def _write(conn: Connection, entity: Entity, work: _Work, stats: FeedStats) -> None:
+    table = TABLES[entity]
+    if work.inserts:
+        # a shadow left behind by a mirror row deleted earlier would collide with the new row's
+        conn.execute(text("DELETE FROM shadow WHERE entity = :e AND st_id = ANY(:ids)").bindparams(_IDS),
+                     {"e": entity, "ids": [s for s, _, _ in work.inserts]})
+        # one statement: the mirror rows, then their shadows (the same JSON element minus our two keys)
+        columns = tuple(f.column for f in FIELDS[entity])
+        rows = []
+        for st_id, rec, customer_mid in work.inserts:
+            row = dict(rec)
+            row["stsync_st_id"] = st_id
+            if entity == "location":
+                row["stsync_customer_id"] = customer_mid
+            rows.append(row)
+        values = []
+        for c in columns:
+            if c == "customer_st_id":
+                values.append("r.stsync_customer_id")
+            elif c in _NOT_NULL_BOOLS:
+                values.append(f"coalesce(r.{c}, {str(_NOT_NULL_BOOLS[c]).lower()})")
+            else:
+                values.append(f"r.{c}")
+        inserted = conn.execute(
+            text(f"""WITH src AS (SELECT e FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS e),
+                     ins AS (
+                         INSERT INTO {table} (st_id, sync_status, synced_at, {', '.join(map(_db_column, columns))})
+                         SELECT r.stsync_st_id, 'synced', now(), {', '.join(values)}
+                         FROM src CROSS JOIN LATERAL jsonb_to_record(src.e)
+                              AS {_recordset(entity, columns, 'stsync_st_id bigint, stsync_customer_id bigint')}
+                         RETURNING id, st_id)
+                     INSERT INTO shadow (entity, mirror_id, st_id, data, modified_on, updated_at)
+                     SELECT :e, ins.id, ins.st_id, src.e - 'stsync_st_id' - 'stsync_customer_id',
+                            CAST(src.e ->> 'modified_on' AS timestamptz), now()
+                     FROM ins JOIN src ON CAST(src.e ->> 'stsync_st_id' AS bigint) = ins.st_id"""),
+            {"rows": json.dumps(rows), "e": entity},
+        ).rowcount
+        stats.inserted += inserted
+
+    for cols, rows in work.updates.items():
+        sets = [f"{_db_column(c)} = r.{c}" for c in cols]
+        sets += ["sync_status = CASE WHEN r.stsync_synced THEN 'synced' ELSE m.sync_status END",
+                 "synced_at = CASE WHEN r.stsync_synced THEN now() ELSE m.synced_at END"]
+        conn.execute(
+            text(f"""UPDATE {table} AS m SET {', '.join(sets)}
+                     FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                          AS {_recordset(entity, cols, 'stsync_id bigint, stsync_synced boolean')}
+                     WHERE m.id = r.stsync_id"""),
+            {"rows": json.dumps(rows)},
+        )
+
+    if work.shadows:
+        conn.execute(
+            text("""INSERT INTO shadow (entity, mirror_id, st_id, data, modified_on, updated_at)
+                    SELECT :e, r.mirror_id, r.st_id, r.data, r.modified_on, now()
+                    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                         AS r(mirror_id bigint, st_id bigint, data jsonb, modified_on timestamptz)
+                    ON CONFLICT (entity, mirror_id) DO UPDATE
+                    SET st_id = EXCLUDED.st_id, data = EXCLUDED.data, modified_on = EXCLUDED.modified_on,
+                        updated_at = now()"""),
+            {"e": entity, "rows": json.dumps(work.shadows)},
+        )
+    if work.conflicts:
+        conn.execute(
+            text("""INSERT INTO conflicts (entity, mirror_id, st_id, field, base_value, local_value, remote_value,
+                                           policy, outcome)
+                    VALUES (:e, :m, :s, :f, CAST(:b AS jsonb), CAST(:l AS jsonb), CAST(:r AS jsonb), :p, :o)"""),
+            work.conflicts,
+        )
+    if work.rechecks:
+        records.log_recheck(conn, entity, work.rechecks)
+        stats.rechecks += len(work.rechecks)
