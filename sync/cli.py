@@ -163,6 +163,21 @@ def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_loca
     serve(sb, host, port)
 
 
+@cli.command()
+@click.option("--duration", type=float, metavar="SECONDS", help="Stop by itself after this many seconds.")
+@click.option("--customers", default=40, show_default=True, type=int)
+@click.option("--locations", default=60, show_default=True, type=int)
+@click.option("--database-url", "demo_db", envvar="DATABASE_URL", metavar="URL",
+              help="Server to create the throwaway database on (default: local, else embedded).")
+@click.pass_obj
+@friendly_errors
+def demo(obj: Ctx, duration: float | None, customers: int, locations: int, demo_db: str | None) -> None:
+    """Run the whole daemon against the built-in ServiceTitan sandbox; nothing to configure."""
+    from sync.demo import run_demo
+
+    run_demo(demo_db or obj.database_url, duration=duration, customers=customers, locations=locations)
+
+
 def _engine(obj: Ctx) -> Any:
     from sync import db
 

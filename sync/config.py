@@ -107,6 +107,8 @@ class SyncConfig(_Section):
     """Start the initial load from this date (YYYY-MM-DD) instead of the beginning of the feed."""
     batch_size: int = Field(default=500, ge=1, le=10_000)
     lease_seconds: float = Field(default=30.0, ge=5, le=600)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0, le=600)
+    """On SIGTERM: how long in-flight requests may finish before their rows are released."""
 
 
 class RetryConfig(_Section):
@@ -119,6 +121,20 @@ class HousekeepingConfig(_Section):
     retain_days: float = Field(default=14.0, gt=0)
     """Succeeded and superseded outbox rows (and their attempts) older than this are deleted."""
     interval_seconds: float = Field(default=3600.0, gt=0)
+
+
+class ObservabilityConfig(_Section):
+    listen: str | None = None
+    """host:port for /healthz, /readyz and /metrics (e.g. 127.0.0.1:9464); unset: no listener."""
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, v: str | None) -> str | None:
+        if v is not None:
+            _, sep, port = v.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("must be host:port, e.g. 127.0.0.1:9464")
+        return v
 
 
 class LoggingConfig(_Section):
@@ -137,6 +153,7 @@ class Config(_Section):
     sync: SyncConfig = SyncConfig()
     retry: RetryConfig = RetryConfig()
     housekeeping: HousekeepingConfig = HousekeepingConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     logging: LoggingConfig = LoggingConfig()
 
     @property
@@ -205,6 +222,8 @@ def parse_config(data: Any, file: str = "<config>", env: dict[str, str] | None =
     if not isinstance(data, dict):
         raise ConfigError(f"{file}: the top level must be a mapping of sections (database, servicetitan, ...)")
     data = _interpolate(data, "", file, dict(os.environ) if env is None else env)
+    # a section present with every key commented out is an empty section, not an error
+    data = {k: ({} if v is None else v) for k, v in data.items()}
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

@@ -29,6 +29,7 @@ from sync.detect import detect_all, preview
 from sync.dispatch import Dispatcher
 from sync.errors import StsyncError
 from sync.log import get_logger
+from sync.observability import Metrics
 
 log = get_logger("stsync.daemon")
 
@@ -90,13 +91,20 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.log = log.bind(tenant=cfg.servicetitan.tenant_id, worker=self.worker)
         self.client = ServiceTitanClient(cfg.servicetitan, transport=transport)
-        self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker)
+        self.metrics = Metrics()
+        self.metrics.attach_database(self.engine)
+        self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, metrics=self.metrics)
+        self._running: set[asyncio.Task[Any]] = set()
         self.dry_run_requests: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------ jobs
 
     async def _guard(self, job: str, coro: Any) -> dict[str, Any]:
         """Run a job body; an outage is logged as one line and survived (the next run retries)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
         try:
             result: dict[str, Any] = await coro
             return result
@@ -139,7 +147,8 @@ class Daemon:
     async def dispatch_job(self) -> dict[str, Any]:
         if self.dry_run:
             return await self._guard("dispatch", self._dry_run())
-        return await self._guard("dispatch", self.dispatcher.run(self.stopping))
+        return await self._guard("dispatch", self.dispatcher.run(
+            self.stopping, grace_seconds=self.cfg.sync.shutdown_grace_seconds))
 
     async def _dry_run(self) -> dict[str, Any]:
         planned = await asyncio.to_thread(preview, self.engine, self.cfg)
@@ -194,13 +203,25 @@ class Daemon:
                                   lambda: loop.call_soon_threadsafe(self.wake, "detect"))
         sched.start()
         listener.start()
-        self.log.info("daemon.started", dry_run=self.dry_run, schema=self.cfg.db_schema)
+        http = None
+        if self.cfg.observability.listen:
+            from sync.observability import serve
+
+            http = asyncio.create_task(serve(self, self.cfg.observability.listen))
+        self.log.info("daemon.started", dry_run=self.dry_run, schema=self.cfg.db_schema,
+                      listen=self.cfg.observability.listen)
         try:
             await self.stopping.wait()
         finally:
-            self.log.info("daemon.stopping")
+            self.log.info("daemon.stopping", running_jobs=len(self._running))
+            sched.pause()  # no new runs; running jobs see `stopping` and wind down
             listener.stop()
-            sched.shutdown(wait=False)
+            grace = self.cfg.sync.shutdown_grace_seconds
+            if self._running:  # the dispatcher finishes or releases its in-flight rows within the grace period
+                await asyncio.wait(set(self._running), timeout=grace + 5)
+            sched.shutdown(wait=False)  # (this cancels whatever job is still running)
+            if http is not None:
+                await asyncio.wait({http}, timeout=5)
             await self.close()
             self.log.info("daemon.stopped")
 

@@ -24,6 +24,7 @@ from sync.detect import mark_dead_before_send, plan_record, sync_error
 from sync.diff import strip_key
 from sync.fields import API_COLLECTIONS, FIELDS, TABLES, Entity, equal, record_from_api
 from sync.log import get_logger
+from sync.observability import Metrics
 from sync.request import _api_to_column
 from sync.retry import Outcome, backoff_seconds, classify
 
@@ -63,13 +64,14 @@ class DispatchStats:
 
 class Dispatcher:
     def __init__(self, engine: Engine, client: ServiceTitanClient, cfg: Config, worker: str, *,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.client = client
         self.cfg = cfg
         self.worker = worker
         self.rng = rng or random.Random()
         self.stats = DispatchStats()
+        self.metrics = metrics
         self.log = log.bind(worker=worker)
 
     # ----------------------------------------------------------------------------------- database
@@ -270,6 +272,16 @@ class Dispatcher:
         self.stats.sent += 1
         key = str(resp.status)
         self.stats.by_status[key] = self.stats.by_status.get(key, 0) + 1
+        if self.metrics is not None:
+            m = self.metrics
+            m.requests.labels(c.entity, key).inc()
+            m.latency.observe(resp.latency_ms / 1000)
+            if outcome is Outcome.RATE_LIMITED:
+                m.rate_limited.inc()
+            elif outcome is Outcome.RETRY:
+                m.retries.inc()
+            elif outcome is Outcome.DEAD:
+                m.dead.inc()
         if outcome is Outcome.SUCCEEDED:
             self.stats.succeeded += 1
         elif outcome is Outcome.DEAD:
@@ -293,8 +305,12 @@ class Dispatcher:
         await asyncio.to_thread(self.reclaim_expired)
         inflight: set[asyncio.Task[Outcome]] = set()
         beat = asyncio.create_task(self._heartbeat_loop())
+        next_reclaim = time.monotonic() + self.cfg.sync.lease_seconds / 2
         try:
             while not stop.is_set():
+                if time.monotonic() >= next_reclaim:  # a busy worker also picks up a dead peer's rows
+                    await asyncio.to_thread(self.reclaim_expired)
+                    next_reclaim = time.monotonic() + self.cfg.sync.lease_seconds / 2
                 free = self.cfg.servicetitan.max_concurrency - len(inflight)
                 if free > 0:
                     for c in await asyncio.to_thread(self.claim, free):
@@ -309,14 +325,16 @@ class Dispatcher:
                     if t is not stopper and t.exception() is not None:
                         self.log.error("outbox.send_crashed", error=repr(t.exception()))
             if inflight:
-                _, pending = await asyncio.wait(inflight, timeout=grace_seconds)
-                for t in pending:
-                    t.cancel()
-                if pending:
-                    released = await asyncio.to_thread(self.release_all)
-                    self.log.warning("outbox.released_on_stop", count=released)
+                _, inflight = await asyncio.wait(inflight, timeout=grace_seconds)
         finally:
             beat.cancel()
+            unfinished = [t for t in inflight if not t.done()]
+            for t in unfinished:
+                t.cancel()
+            if unfinished:
+                # their answers will never be recorded: give the rows back now rather than at lease expiry
+                released = self.release_all()
+                self.log.warning("outbox.released_on_stop", count=released)
         return self.stats.as_dict()
 
     async def _heartbeat_loop(self) -> None:

@@ -56,8 +56,10 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=max(numeric, logging.WARNING), stream=out, format="%(name)s %(levelname)s %(message)s")
-    for noisy in ("httpx", "httpcore", "apscheduler", "uvicorn.access"):
+    for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # "skipped: maximum number of running instances reached" is how a coalesced wake-up looks: not a problem
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
 def get_logger(name: str | None = None, **context: Any) -> Any:

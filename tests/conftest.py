@@ -74,3 +74,6 @@ def make_config(database_url: str | None = None, **sections: Any) -> Config:
 @pytest.fixture
 def config(engine: Engine, database_url: str) -> Config:
     return make_config(database_url)
+
+
+from tests.e2ekit import e2e  # noqa: E402, F401  (fixture: sandbox on a socket + fresh database)

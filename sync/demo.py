@@ -1,0 +1,221 @@
+"""`stsync demo`: the whole daemon against the built-in ServiceTitan sandbox, with nothing configured.
+
+Starts the sandbox on a free local port, finds a database (``--database-url``/``DATABASE_URL``, else the local
+server, else an embedded PostgreSQL), creates a throwaway database there, migrates, seeds ServiceTitan-side
+data, runs the daemon, and makes local and remote edits while it prints what happens. Everything it created
+is removed on exit (``--duration`` elapsed, Ctrl-C or SIGTERM).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+import uuid
+from typing import Any
+
+import click
+from sqlalchemy import Engine, text
+
+from sync import db, embedded
+from sync.config import Config, parse_config
+from sync.daemon import Daemon
+from sync.log import configure_logging
+from sync.sandbox import Fault, Sandbox, SandboxServer
+
+GUID = "0f4a9c52-5b1e-4c0e-9d67-3e2a1b7c8d90"
+
+
+class Printer:
+    """Coloured lines on a terminal, plain lines in a pipe."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stdout
+        self.color = bool(getattr(self.stream, "isatty", lambda: False)())
+
+    def __call__(self, tag: str, message: str, color: str = "white") -> None:
+        stamp = time.strftime("%H:%M:%S")
+        label = f"[{tag}]".ljust(10)
+        if self.color:
+            label = click.style(label, fg=color, bold=True)
+        click.echo(f"{stamp} {label} {message}", file=self.stream)
+        self.stream.flush()
+
+
+def _short(body: Any, limit: int = 160) -> str:
+    text_ = json.dumps(body, separators=(",", ":"))
+    return text_ if len(text_) <= limit else text_[: limit - 3] + "..."
+
+
+class DemoDaemon(Daemon):
+    def __init__(self, cfg: Config, engine: Engine, say: Printer) -> None:
+        super().__init__(cfg, engine=engine)
+        self.say = say
+
+    async def pull_job(self) -> dict[str, Any]:
+        result = await super().pull_job()
+        for feed, r in result.items():
+            if not isinstance(r, dict):
+                continue
+            applied = r.get("applied", 0)
+            if r.get("inserted"):
+                self.say("pull", f"{feed}: {r['inserted']} records loaded into the mirror", "cyan")
+            elif applied or r.get("conflicts"):
+                self.say("pull", f"{feed}: {applied} remote change(s) applied, {r.get('conflicts', 0)} conflict(s)",
+                         "cyan")
+        return result
+
+
+class Scenario:
+    """Scripted local (SQL) and remote (ServiceTitan) edits, one every ``step`` seconds."""
+
+    def __init__(self, engine: Engine, sb: Sandbox, say: Printer) -> None:
+        self.engine, self.sb, self.say = engine, sb, say
+        self.i = 0
+
+    def _sql(self, statement: str, **params: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(text(statement), params)
+
+    def _pick(self, table: str, offset: int) -> tuple[int, int] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(text(f"SELECT id, st_id FROM {table} WHERE st_id IS NOT NULL ORDER BY id "
+                                    "OFFSET :o LIMIT 1"), {"o": offset}).first()
+        return (int(row[0]), int(row[1])) if row else None
+
+    def step(self) -> None:
+        n, self.i = self.i, self.i + 1
+        pick = self._pick("customers", (n * 7) % 25)
+        loc = self._pick("locations", (n * 5) % 25)
+        if pick is None or loc is None:
+            return  # initial load not finished yet
+        mid, st_id = pick
+        kind = n % 6
+        if kind == 0:
+            name = f"Renamed Customer {n}"
+            self.say("local", f"UPDATE customers SET name = '{name}' WHERE id = {mid}", "yellow")
+            self._sql("UPDATE customers SET name = :n WHERE id = :m", n=name, m=mid)
+        elif kind == 1:
+            cur = self.sb.get_customer(st_id)
+            self.say("remote", f"edit in ServiceTitan: customer {st_id} doNotMail -> {not cur['doNotMail']}",
+                     "magenta")
+            self.sb.edit_customer(st_id, doNotMail=not cur["doNotMail"])
+        elif kind == 2:
+            # hold the push back (ServiceTitan answers 503 twice) so the next pull sees both edits: a conflict
+            self.sb.faults.add(Fault.server_error(503), times=2, method="PATCH", entity="customer", record_id=st_id)
+            self.say("local", f"UPDATE customers SET name = 'Local Name {n}' WHERE id = {mid}  "
+                              "(ServiceTitan will answer 503 twice)", "yellow")
+            self._sql("UPDATE customers SET name = :n WHERE id = :m", n=f"Local Name {n}", m=mid)
+            self.say("remote", f"edit in ServiceTitan: customer {st_id} name -> 'Remote Name {n}' (same field)",
+                     "magenta")
+            self.sb.edit_customer(st_id, name=f"Remote Name {n}")
+        elif kind == 3:
+            self.say("local", f"UPDATE locations SET city = 'Springfield' WHERE id = {loc[0]}  (address goes whole)",
+                     "yellow")
+            self._sql("UPDATE locations SET city = 'Springfield' WHERE id = :m", m=loc[0])
+        elif kind == 4:
+            self.say("local", f"UPDATE customers SET name = name WHERE id = {mid}  (a save that changes nothing)",
+                     "yellow")
+            self._sql("UPDATE customers SET name = name WHERE id = :m", m=mid)
+        else:
+            self.say("local", f"UPDATE customers SET type = 'Alien' WHERE id = {mid}  (ServiceTitan would reject it)",
+                     "yellow")
+            self._sql("UPDATE customers SET type = 'Alien' WHERE id = :m", m=mid)
+
+
+def _poll(engine: Engine, last_conflict: int, last_dead: int) -> tuple[list[Any], list[Any]]:
+    with engine.connect() as conn:
+        c = conn.execute(text("SELECT id, entity, st_id, field, local_value, remote_value, outcome "
+                              "FROM conflicts WHERE id > :i ORDER BY id"), {"i": last_conflict}).all()
+        d = conn.execute(text("SELECT id, entity, st_id, last_error->>'message' FROM outbox "
+                              "WHERE state = 'dead' AND id > :i ORDER BY id"), {"i": last_dead}).all()
+    return list(c), list(d)
+
+
+async def _report(engine: Engine, sb: Sandbox, say: Printer, stop: asyncio.Event) -> None:
+    seen_requests = 0
+    last_conflict = 0
+    last_dead = 0
+    while not stop.is_set():
+        log = sb.requests
+        for r in list(log)[seen_requests:]:
+            if r.method == "PATCH":
+                color = "green" if 200 <= r.status < 300 else "red"
+                path = "/" + r.path.split("/tenant/", 1)[-1].split("/", 1)[-1]
+                say("push", f"PATCH {path} -> {r.status}  {_short(r.body)}", color)
+        seen_requests = len(log)
+
+        conflicts, dead = await asyncio.to_thread(_poll, engine, last_conflict, last_dead)
+        for cid, entity, st_id, field, local, remote, outcome in conflicts:
+            say("conflict", f"{entity} {st_id} {field}: local {json.dumps(local)} vs remote {json.dumps(remote)} "
+                            f"-> {outcome} wins", "red")
+            last_conflict = cid
+        for oid, entity, st_id, message in dead:
+            say("dead", f"outbox {oid} ({entity} {st_id}) not sent: {message}", "red")
+            last_dead = oid
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=0.3)
+
+
+def demo_config(database_url: str, api_url: str) -> Config:
+    return parse_config({
+        "database": {"url": database_url, "schema": "stsync"},
+        "servicetitan": {"tenant_id": 1, "client_id": "sandbox-client", "client_secret": "sandbox-secret",
+                         "app_key": "sandbox-app-key", "application_guid": GUID, "api_base_url": api_url},
+        "sync": {"push_interval_seconds": 1, "pull_interval_seconds": 2, "conflict_policy": "remote_wins"},
+        "retry": {"base_delay_seconds": 2, "max_delay_seconds": 10},
+        "logging": {"level": "ERROR", "format": "console"},
+    }, "<demo>", env={})
+
+
+def run_demo(database_url: str | None, *, duration: float | None, customers: int, locations: int,
+             step_seconds: float = 2.0, say: Printer | None = None) -> None:
+    printer = say or Printer()
+    configure_logging("ERROR", "console")
+    with embedded.find_server(database_url) as server:
+        name = f"stsync_demo_{uuid.uuid4().hex[:8]}"
+        url = embedded.create_database(server.url, name)
+        printer("demo", f"database: {server.why}; throwaway database {name}")
+        sb = Sandbox(tenant_id=1, rate_limit_per_second=60.0, latency_ms=(20, 80))
+        sb.seed(customers=customers, locations=locations, seed=42)
+        engine = db.make_engine(url, "stsync")
+        try:
+            db.upgrade(engine, "stsync")
+            with SandboxServer(sb) as srv:
+                printer("demo", f"ServiceTitan sandbox at {srv.url} (tenant 1, {customers} customers, "
+                                f"{locations} locations); press Ctrl-C to stop")
+                asyncio.run(_main(demo_config(url, srv.url), engine, sb, printer, duration, step_seconds))
+        finally:
+            engine.dispose()
+            embedded.drop_database(server.url, name)
+            printer("demo", f"stopped; dropped database {name}")
+
+
+async def _main(cfg: Config, engine: Engine, sb: Sandbox, say: Printer, duration: float | None,
+                step_seconds: float) -> None:
+    daemon = DemoDaemon(cfg, engine, say)
+    stop = daemon.stopping
+    scenario = Scenario(engine, sb, say)
+
+    async def actor() -> None:
+        await asyncio.sleep(step_seconds)
+        while not stop.is_set():
+            await asyncio.to_thread(scenario.step)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=step_seconds)
+
+    async def timer() -> None:
+        if duration is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=duration)
+            stop.set()
+
+    tasks = [asyncio.create_task(actor()), asyncio.create_task(_report(engine, sb, say, stop)),
+             asyncio.create_task(timer())]
+    try:
+        await daemon.run_forever()
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
