@@ -39,7 +39,9 @@ def answers(url: str, timeout: int = 2) -> bool:
 def embedded_server() -> Iterator[Server]:
     """Start a throwaway PostgreSQL 16 from the `pgserver` wheel; its data directory is removed on exit."""
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
+            import pgserver
     except ImportError as exc:  # pragma: no cover - depends on the install
         from sync.errors import DatabaseError
 

@@ -21,7 +21,7 @@ SCHEMA_PREFIX = "#/components/schemas/"
 @cache
 def spec() -> dict[str, Any]:
     """The parsed OpenAPI document."""
-    text = resources.files("sync").joinpath("openapi", SPEC_FILE).read_text(encoding="utf-8")
+    text = resources.files("sync.spec").joinpath(SPEC_FILE).read_text(encoding="utf-8")
     data: dict[str, Any] = json.loads(text)
     return data
 
