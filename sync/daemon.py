@@ -23,11 +23,12 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from sync import db
+from sync import workers as workers_mod
 from sync.client import ServiceTitanClient
 from sync.config import Config
 from sync.detect import detect_all, preview
 from sync.dispatch import Dispatcher
-from sync.errors import StsyncError
+from sync.errors import DatabaseError, MigrationRequiredError, StsyncError
 from sync.log import get_logger
 from sync.observability import Metrics
 
@@ -157,6 +158,22 @@ class Daemon:
         self.dry_run_requests = planned
         return {"would_send": len(planned), "requests": planned}
 
+    async def workers_job(self) -> dict[str, Any]:
+        """Heartbeat; take this replica's share of the tenant's request budget."""
+        from sync import workers
+
+        live = await asyncio.to_thread(workers.heartbeat, self.engine, self.worker)
+        rate = self.cfg.servicetitan.requests_per_second / live
+        if abs(rate - self.client.limiter.rate) > 1e-9:
+            self.client.limiter.set_rate(rate)
+            self.log.info("daemon.rate_share", replicas=live, requests_per_second=round(rate, 3))
+        return {"replicas": live, "rate": rate}
+
+    async def workers_job_guarded(self) -> dict[str, Any]:
+        if self.dry_run:
+            return {}
+        return await self._guard("workers", self.workers_job())
+
     async def housekeeping_job(self) -> dict[str, Any]:
         if self.dry_run:
             return {}
@@ -177,6 +194,8 @@ class Daemon:
 
     async def cycle(self) -> dict[str, Any]:
         """One full cycle: pull, then detect, then dispatch everything due now."""
+        if not self.dry_run:
+            await self._guard("workers", self.workers_job())
         return {
             "pull": await self.pull_job(),
             "detect": await self.detect_job(),
@@ -196,11 +215,14 @@ class Daemon:
                       next_run_time=datetime.now(UTC))
         sched.add_job(self.dispatch_job, "interval", seconds=cfg.push_interval_seconds, id="dispatch",
                       next_run_time=datetime.now(UTC))
+        sched.add_job(self.workers_job_guarded, "interval", seconds=workers_mod.HEARTBEAT_EVERY_S, id="workers")
         sched.add_job(self.housekeeping_job, "interval", seconds=self.cfg.housekeeping.interval_seconds,
                       id="housekeeping")
         self.scheduler = sched
         listener = NotifyListener(self.cfg.database_url(), db.notify_channel(self.cfg.db_schema),
                                   lambda: loop.call_soon_threadsafe(self.wake, "detect"))
+        if not self.dry_run:
+            await self.workers_job_guarded()  # know the replica count before the first request
         sched.start()
         listener.start()
         http = None
@@ -222,6 +244,8 @@ class Daemon:
             sched.shutdown(wait=False)  # (this cancels whatever job is still running)
             if http is not None:
                 await asyncio.wait({http}, timeout=5)
+            with contextlib.suppress(Exception):
+                await asyncio.to_thread(workers_mod.leave, self.engine, self.worker)
             await self.close()
             self.log.info("daemon.stopped")
 
@@ -231,10 +255,40 @@ class Daemon:
             self.engine.dispose()
 
 
+def wait_for_database(cfg: Config, stop: threading.Event, *, max_backoff: float = 30.0) -> bool:
+    """Block until the database answers and its schema is current; False if stopped while waiting.
+
+    An unreachable database is waited out with backoff (logged once per try), so an outage at start is not a
+    crash loop; a schema that needs `stsync migrate` is an error at once.
+    """
+    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
+    backoff = 1.0
+    try:
+        while True:
+            try:
+                db.check_current(engine, cfg.db_schema)
+                return True
+            except MigrationRequiredError:
+                raise
+            except DatabaseError as exc:
+                log.error("daemon.database_unreachable", error=str(exc), retry_in_s=backoff)
+                if stop.wait(backoff):
+                    return False
+                backoff = min(backoff * 2, max_backoff)
+    finally:
+        engine.dispose()
+
+
 def run_daemon(cfg: Config, *, dry_run: bool = False) -> None:
-    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
-    db.check_current(engine, cfg.db_schema)
-    engine.dispose()
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        if not wait_for_database(cfg, stop):
+            log.info("daemon.stopped", reason="signal while waiting for the database")
+            return
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     asyncio.run(Daemon(cfg, dry_run=dry_run).run_forever())
 
 

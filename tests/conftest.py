@@ -18,7 +18,7 @@ from sync import db, embedded
 from sync.config import Config, parse_config
 
 SCHEMA = "stsync"
-TABLES = ("outbox_attempts", "outbox", "change_log", "shadow", "conflicts", "tombstones", "feed_cursors",
+TABLES = ("outbox_attempts", "outbox", "change_log", "shadow", "conflicts", "tombstones", "feed_cursors", "workers",
           "locations", "customers")
 
 

@@ -167,3 +167,25 @@ def test_process_killed_mid_dispatch_loses_nothing(e2e: Env) -> None:
 def quiet(env: Env) -> bool:
     return not rows(env.engine, "SELECT 1 FROM outbox WHERE state IN ('pending', 'in_flight') "
                                 "UNION ALL SELECT 1 FROM change_log LIMIT 1")
+
+
+def test_run_waits_out_an_unreachable_database_and_stops_on_sigterm(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "down.yaml"
+    cfg.write_text("database:\n  url: postgresql://postgres@127.0.0.1:9/nowhere\nservicetitan:\n  tenant_id: 1\n"
+                   "  client_id: c\n  client_secret: s3cr3t-xyz\n  app_key: k\n  application_guid: g\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STSYNC_CONFIG")}
+    proc = subprocess.Popen([sys.executable, "-m", "sync", "--config", str(cfg), "run"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    time.sleep(4)
+    assert proc.poll() is None  # still waiting, not crash-looping
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+    assert events.count("daemon.database_unreachable") in (2, 3)  # 1 s, then 2 s backoff: no tight loop
+    assert events[-1] == "daemon.stopped"
+    assert "s3cr3t-xyz" not in out

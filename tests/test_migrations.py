@@ -113,3 +113,30 @@ def test_local_write_sends_notify(engine: Engine, database_url: str) -> None:
             conn.execute(text("INSERT INTO customers (name) VALUES ('x'), ('y')"))
         got = [n.payload for n in listener.notifies(timeout=2.0, stop_after=1)]
     assert got == ["customers"]
+
+
+def test_local_apps_need_privileges_on_the_mirror_tables_only(engine: Engine, database_url: str) -> None:
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    role = f"stsync_test_app_{uuid.uuid4().hex[:8]}"  # roles are cluster-wide: never collide with another run
+    admin = database_url.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"DROP ROLE IF EXISTS {role}")
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA stsync TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON stsync.customers, stsync.locations TO {role}")
+    try:
+        app = make_url(database_url).set(drivername="postgresql", username=role, password=None)
+        with psycopg.connect(app.render_as_string(hide_password=False), autocommit=True) as conn:
+            conn.execute("INSERT INTO stsync.customers (name) VALUES ('by app')")
+            conn.execute("UPDATE stsync.customers SET name = 'edited by app'")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute("SELECT * FROM stsync.change_log")
+        assert [op for (_, _, op) in changes(engine)] == ["I", "U"]
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
