@@ -189,3 +189,31 @@ def test_run_waits_out_an_unreachable_database_and_stops_on_sigterm(tmp_path: An
     assert events.count("daemon.database_unreachable") in (2, 3)  # 1 s, then 2 s backoff: no tight loop
     assert events[-1] == "daemon.stopped"
     assert "s3cr3t-xyz" not in out
+
+
+@pytest.mark.slow
+def test_three_replicas_share_the_rate_limit_and_survive_one_being_killed(e2e: Env) -> None:
+    e2e.sb.seed(customers=450, locations=0, seed=5)
+    e2e.sb.latency_ms = (20, 60)
+    e2e.sb.configure(rate_limit_per_second=30.0)  # ServiceTitan enforces the tenant's limit across all replicas
+    link_mirror(e2e.engine, e2e.sb)
+    n = edit_all(e2e, " (trio)")
+    cfg = e2e.config(rps=30)
+    procs = [e2e.start(cfg, log_name=f"r{i}") for i in range(3)]
+    try:
+        wait_for(lambda: outbox_states(e2e).get("succeeded", 0) >= 150, 90, "a third of the backlog")
+        stop(procs[0], signal.SIGKILL)  # the others carry on (and take over its leases)
+        wait_for(lambda: quiet(e2e) and all(c["name"].endswith(" (trio)") for c in e2e.sb.customers()), 180,
+                 "every edit to land")
+    finally:
+        codes = [stop(p) for p in procs[1:]]
+    assert codes == [0, 0]
+    patches = [r for r in e2e.sb.requests if r.method == "PATCH"]
+    limited = [r for r in patches if r.status == 429]
+    assert len(limited) <= 0.02 * len(patches), (len(limited), len(patches))
+    # never more than the limit (plus one window's slack) in any one-second window, all replicas together
+    times = sorted(r.time for r in patches if r.status != 429)
+    worst = max(sum(1 for t in times[i:i + 60] if t - times[i] < 1.0) for i in range(len(times)))
+    assert worst <= 30 * 1.1, worst
+    states = outbox_states(e2e)
+    assert set(states) <= {"succeeded", "superseded"} and sum(states.values()) == n
