@@ -102,10 +102,6 @@ class Daemon:
 
     async def _guard(self, job: str, coro: Any) -> dict[str, Any]:
         """Run a job body; an outage is logged as one line and survived (the next run retries)."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
         try:
             result: dict[str, Any] = await coro
             return result
@@ -184,6 +180,19 @@ class Daemon:
 
     # ------------------------------------------------------------------------------------- lifecycle
 
+    def _tracked(self, job: Any) -> Any:
+        """A scheduler job whose task shutdown can wait for (only scheduler runs, never the main task)."""
+
+        async def run() -> Any:
+            task = asyncio.current_task()
+            if task is not None:
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            return await job()
+
+        run.__name__ = getattr(job, "__name__", "job")
+        return run
+
     def wake(self, job_id: str) -> None:
         """Run a job now (coalesced with a run already due); safe from the event loop only."""
         if self.scheduler is None or self.stopping.is_set():
@@ -209,14 +218,16 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
         sched = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
-        sched.add_job(self.pull_job, "interval", seconds=cfg.pull_interval_seconds, id="pull",
+        sched.add_job(self._tracked(self.pull_job), "interval", seconds=cfg.pull_interval_seconds, id="pull",
                       next_run_time=datetime.now(UTC))
-        sched.add_job(self.detect_job, "interval", seconds=cfg.push_interval_seconds, id="detect",
+        sched.add_job(self._tracked(self.detect_job), "interval", seconds=cfg.push_interval_seconds, id="detect",
                       next_run_time=datetime.now(UTC))
-        sched.add_job(self.dispatch_job, "interval", seconds=cfg.push_interval_seconds, id="dispatch",
+        sched.add_job(self._tracked(self.dispatch_job), "interval", seconds=cfg.push_interval_seconds,
+                      id="dispatch",
                       next_run_time=datetime.now(UTC))
-        sched.add_job(self.workers_job_guarded, "interval", seconds=workers_mod.HEARTBEAT_EVERY_S, id="workers")
-        sched.add_job(self.housekeeping_job, "interval", seconds=self.cfg.housekeeping.interval_seconds,
+        sched.add_job(self._tracked(self.workers_job_guarded), "interval", seconds=workers_mod.HEARTBEAT_EVERY_S,
+                      id="workers")
+        sched.add_job(self._tracked(self.housekeeping_job), "interval", seconds=self.cfg.housekeeping.interval_seconds,
                       id="housekeeping")
         self.scheduler = sched
         listener = NotifyListener(self.cfg.database_url(), db.notify_channel(self.cfg.db_schema),
