@@ -139,8 +139,7 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
             mark_dead_before_send(conn, entity, row, diff, patch)
             result.dead += 1
         else:
-            upserts.append({"e": entity, "m": mid, "s": row.st_id, "p": json.dumps(patch.body),
-                            "d": json.dumps(diff)})
+            upserts.append({"m": mid, "s": row.st_id, "p": json.dumps(patch.body), "d": json.dumps(diff)})
             result.coalesced += mid in pending
     result.records += len(rows)
     if clean:
@@ -151,13 +150,17 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
         conn.execute(text(f"UPDATE {table} SET sync_status = 'synced' WHERE id = ANY(:ids) AND sync_status = 'pending'")
                      .bindparams(_IDS), {"ids": clean})
     if upserts:
+        # one statement for the whole batch (coalescing into existing pending rows via the unique index)
         conn.execute(
             text("""INSERT INTO outbox (entity, mirror_id, st_id, payload, diff)
-                    VALUES (:e, :m, :s, CAST(:p AS jsonb), CAST(:d AS jsonb))
+                    SELECT :e, t.m, t.s, CAST(t.p AS jsonb), CAST(t.d AS jsonb)
+                    FROM unnest(CAST(:ms AS bigint[]), CAST(:ss AS bigint[]), CAST(:ps AS text[]),
+                                CAST(:ds AS text[])) AS t(m, s, p, d)
                     ON CONFLICT (entity, mirror_id) WHERE state = 'pending'
                     DO UPDATE SET payload = EXCLUDED.payload, diff = EXCLUDED.diff, st_id = EXCLUDED.st_id,
                                   updated_at = now()"""),
-            upserts,
+            {"e": entity, "ms": [u["m"] for u in upserts], "ss": [u["s"] for u in upserts],
+             "ps": [u["p"] for u in upserts], "ds": [u["d"] for u in upserts]},
         )
         conn.execute(text(f"UPDATE {table} SET sync_status = 'pending' "
                           "WHERE id = ANY(:ids) AND sync_status <> 'pending'")

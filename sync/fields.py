@@ -144,6 +144,8 @@ def parse_timestamp(value: Any) -> datetime:
 
 def equal(kind: Kind, a: Any, b: Any) -> bool:
     """Field equality: floats within FLOAT_TOLERANCE, lists and maps as sets, strings exactly."""
+    if a == b and type(a) is type(b):  # the common case, without canonicalising
+        return True
     if kind == "float":
         if a is None or b is None:
             return a is None and b is None

@@ -11,6 +11,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+import fastjsonschema
 from jsonschema import Draft4Validator
 from jsonschema.exceptions import ValidationError
 
@@ -63,6 +64,16 @@ def validator(schema_name: str) -> Draft4Validator:
     return Draft4Validator(schema)
 
 
+@cache
+def fast_validator(schema_name: str) -> Any:
+    """A compiled validator (fastjsonschema): ~50x faster than jsonschema, used as the gate on hot paths."""
+    validator(schema_name)  # same KeyError for an unknown name
+    schema = {"$ref": SCHEMA_PREFIX + schema_name, "components": _root()["components"]}
+    # formats off, like the jsonschema validator: "guid", "int64"... are descriptive in this spec
+    # use_default=False: never write schema defaults into the body being checked
+    return fastjsonschema.compile(schema, use_formats=False, use_default=False)
+
+
 def _path_of(error: ValidationError) -> str:
     parts: list[str] = []
     for p in error.absolute_path:
@@ -87,7 +98,15 @@ def _leaf_errors(error: ValidationError) -> list[ValidationError]:
 
 
 def validate(schema_name: str, body: Any) -> dict[str, list[str]]:
-    """Validate ``body`` against a component schema; returns ``{field path: [messages]}``, empty when valid."""
+    """Validate ``body`` against a component schema; returns ``{field path: [messages]}``, empty when valid.
+
+    The compiled validator decides; jsonschema only explains a body that fails (per-field messages).
+    """
+    try:
+        fast_validator(schema_name)(body)
+        return {}
+    except fastjsonschema.JsonSchemaException as exc:
+        fast_message = str(exc)
     errors: dict[str, list[str]] = {}
     for err in validator(schema_name).iter_errors(body):
         for leaf in _leaf_errors(err):
@@ -106,7 +125,7 @@ def validate(schema_name: str, body: Any) -> dict[str, list[str]]:
             msgs = errors.setdefault(path, [])
             if leaf.message not in msgs:
                 msgs.append(leaf.message)
-    return errors
+    return errors or {"$": [fast_message]}
 
 
 UPDATE_SCHEMAS = {
