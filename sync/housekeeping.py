@@ -22,7 +22,8 @@ def prune(engine: Engine, retain_days: float, *, batch: int = 5000) -> dict[str,
         while True:
             n = conn.execute(text("""DELETE FROM outbox WHERE id IN (
                                          SELECT id FROM outbox WHERE state IN ('succeeded', 'superseded')
-                                         AND completed_at < now() - make_interval(days => :d) LIMIT :b)"""),
+                                         AND completed_at < now() - CAST(:d AS double precision) * interval '1 day'
+                                         LIMIT :b)"""),
                              {"d": retain_days, "b": batch}).rowcount
             deleted_outbox += n
             if n < batch:

@@ -396,7 +396,11 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
     new = {s for s in recs if s not in existing}
     if new:
         buried = {s for (s,) in conn.execute(
-            text("SELECT DISTINCT st_id FROM tombstones WHERE entity = :e AND st_id = ANY(:ids)").bindparams(_IDS),
+            # a local delete not yet drained by detect (still a 'D' row in the change log) counts as well
+            text("""SELECT st_id FROM tombstones WHERE entity = :e AND st_id = ANY(:ids)
+                    UNION SELECT CAST(old_row->>'st_id' AS bigint) FROM change_log
+                    WHERE entity = :e AND op = 'D' AND CAST(old_row->>'st_id' AS bigint) = ANY(:ids)""")
+            .bindparams(_IDS),
             {"e": entity, "ids": list(new)})}
         for s in buried:
             log.info("pull.record_tombstoned", entity=entity, st_id=s)
