@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
@@ -90,12 +92,15 @@ class Daemon:
         self.transport = transport
         self.scheduler: AsyncIOScheduler | None = None
         self.stopping = asyncio.Event()
-        self.log = log.bind(tenant=cfg.servicetitan.tenant_id, worker=self.worker)
+        self.log = log.bind(worker=self.worker)
         self.client = ServiceTitanClient(cfg.servicetitan, transport=transport)
         self.metrics = Metrics()
         self.metrics.attach_database(self.engine)
         self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, metrics=self.metrics)
         self._running: set[asyncio.Task[Any]] = set()
+        self._progress_shown = False
+        # every log line of this process carries the tenant (asyncio tasks and threads inherit the context)
+        structlog.contextvars.bind_contextvars(tenant=cfg.servicetitan.tenant_id)
         self.dry_run_requests: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------ jobs
@@ -127,8 +132,20 @@ class Daemon:
             from sync.pull import pull
         except ImportError:
             return {}
-        result: dict[str, Any] = await pull(self.engine, self.client, self.cfg)
+        result: dict[str, Any] = await pull(self.engine, self.client, self.cfg, progress=self._progress)
+        if self._progress_shown:
+            sys.stderr.write("\n")
+            self._progress_shown = False
         return result
+
+    def _progress(self, feed: str, records: int, rate: float) -> None:
+        """A live line on a terminal during a long pull (the initial load); log lines otherwise."""
+        if sys.stderr.isatty() and self.cfg.logging.format == "console":
+            sys.stderr.write(f"\r  pull {feed}: {records:,} records ({rate:,.0f}/s)   ")
+            sys.stderr.flush()
+            self._progress_shown = True
+        else:
+            self.log.info("pull.progress", feed=feed, records=records, records_per_second=round(rate, 1))
 
     async def detect_job(self) -> dict[str, Any]:
         if self.dry_run:
