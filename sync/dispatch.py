@@ -13,16 +13,26 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, text
 
-from sync import db, records
+from sync import db, merge, records
 from sync.client import ApiResponse, ServiceTitanClient
 from sync.config import Config
 from sync.detect import mark_dead_before_send, plan_record, sync_error
 from sync.diff import strip_key
-from sync.fields import API_COLLECTIONS, FIELDS, TABLES, Entity, equal, record_from_api
+from sync.fields import (
+    API_COLLECTIONS,
+    FIELDS,
+    TABLES,
+    Entity,
+    address_columns,
+    equal,
+    parse_timestamp,
+    record_from_api,
+)
 from sync.log import get_logger
 from sync.observability import Metrics
 from sync.request import _api_to_column
@@ -243,6 +253,8 @@ class Dispatcher:
                     updates[col] = remote_v
                 else:
                     conflict_fields.append(col)
+        if conflict_fields:
+            self._resolve_conflicts(conn, c, current.record, old_shadow, remote, conflict_fields, updates)
         customer_mirror_id = None
         if "customer_st_id" in updates:
             customer_mirror_id = records.customer_mirror_ids(conn, [updates["customer_st_id"]]).get(
@@ -259,9 +271,39 @@ class Dispatcher:
             records.log_recheck(conn, c.entity, [c.mirror_id])
             conn.execute(text(f"UPDATE {TABLES[c.entity]} SET sync_status = 'pending' WHERE id = :m"),
                          {"m": c.mirror_id})
-        if conflict_fields:
-            self.log.info("outbox.remote_edit_kept_local", entity=c.entity, mirror_id=c.mirror_id,
-                          fields=conflict_fields)
+
+    def _resolve_conflicts(self, conn: Any, c: Claim, local: dict[str, Any], base: dict[str, Any],
+                           remote: dict[str, Any], columns: list[str], updates: dict[str, Any]) -> None:
+        """Fields edited locally after the claim and in ServiceTitan since our base (seen in the response):
+        resolved by ``sync.conflict_policy`` like the pull does, and recorded."""
+        policy = self.cfg.sync.conflict_policy
+        changed_at = conn.execute(text("SELECT max(changed_at) FROM change_log WHERE entity = :e AND mirror_id = :m"),
+                                  {"e": c.entity, "m": c.mirror_id}).scalar()
+        modified = remote.get("modified_on")
+        outcome = merge.resolve(policy, parse_timestamp(modified) if modified else None,
+                                changed_at or datetime.now(UTC))
+        by_unit: dict[str, list[str]] = {}
+        for col in columns:
+            by_unit.setdefault(merge.unit_for_column(c.entity, col) or col, []).append(col)
+        if "address" in by_unit:  # the address is one value: it is won or lost whole
+            by_unit["address"] = list(address_columns(c.entity))
+        for unit, cols in by_unit.items():
+            if outcome == "remote":
+                updates.update({col: remote.get(col) for col in cols})
+
+            single = len(cols) == 1 and unit == cols[0]
+
+            def pick(rec: dict[str, Any], cols: list[str] = cols, single: bool = single) -> Any:
+                return rec.get(cols[0]) if single else {k: rec.get(k) for k in cols}
+
+            conn.execute(text("""INSERT INTO conflicts (entity, mirror_id, st_id, field, base_value, local_value,
+                                     remote_value, policy, outcome)
+                                 VALUES (:e, :m, :s, :f, CAST(:b AS jsonb), CAST(:l AS jsonb), CAST(:r AS jsonb),
+                                         :p, :o)"""),
+                         {"e": c.entity, "m": c.mirror_id, "s": c.st_id, "f": unit, "b": json.dumps(pick(base)),
+                          "l": json.dumps(pick(local)), "r": json.dumps(pick(remote)), "p": policy, "o": outcome})
+            self.log.info("outbox.conflict", entity=c.entity, mirror_id=c.mirror_id, st_id=c.st_id, field=unit,
+                          policy=policy, outcome=outcome)
 
     # ---------------------------------------------------------------------------------------- async
 

@@ -332,3 +332,33 @@ def test_edit_while_in_flight_queues_behind_and_lands(engine: Engine, cfg: Confi
     drain(engine, cfg, sb)
     assert [p.body["name"] for p in patches(sb)] == ["First", "Second"]
     assert sb.get_customer(cust["id"])["name"] == "Second"
+
+
+@pytest.mark.parametrize("policy", ["remote_wins", "local_wins"])
+def test_remote_edit_seen_in_a_patch_response_conflicts_with_a_later_local_edit_per_policy(
+        engine: Engine, sb: Sandbox, linked: dict[int, int], database_url: str, policy: str) -> None:
+    from sync.client import ServiceTitanClient
+    from sync.detect import detect_all
+    from sync.dispatch import Dispatcher
+    from tests.pushkit import transport
+
+    cfg = make_config(database_url, sync={"conflict_policy": policy})
+    cust = first_customer(sb)
+    sql(engine, "UPDATE customers SET name = 'Sent Name' WHERE st_id = :s", s=cust["id"])
+    detect_all(engine, cfg)
+    worker = Dispatcher(engine, ServiceTitanClient(cfg.servicetitan, transport=transport(sb)), cfg, "w")
+    (claim,) = worker.claim(10)  # the PATCH carries only the name
+    sql(engine, "UPDATE customers SET city = 'Local City' WHERE st_id = :s", s=cust["id"])
+    sb.edit_customer(cust["id"], address={"city": "Remote City"})  # not pulled yet
+
+    async def send() -> None:
+        await worker._send(claim)
+
+    asyncio.run(send())
+    (conflict,) = rows(engine, "SELECT field, local_value->>'city', remote_value->>'city', outcome FROM conflicts")
+    assert conflict == ("address", "Local City", "Remote City", policy.split("_")[0])
+    drain(engine, cfg, sb)
+    final = "Remote City" if policy == "remote_wins" else "Local City"
+    assert sb.get_customer(cust["id"])["address"]["city"] == final
+    assert rows(engine, "SELECT city FROM customers WHERE st_id = :s", s=cust["id"]) == [(final,)]
+    assert sb.get_customer(cust["id"])["name"] == "Sent Name"
