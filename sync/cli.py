@@ -116,6 +116,10 @@ def once(obj: Ctx, dry_run: bool) -> None:
 
     summary = run_once(obj.config(), dry_run=dry_run)
     click.echo(json.dumps(summary, sort_keys=True))
+    if summary["exit_code"]:  # cron and CI must see a failed cycle (2: credentials refused)
+        for err in summary["errors"]:
+            click.echo(f"stsync: error: {err}", err=True)
+        sys.exit(summary["exit_code"])
 
 
 @cli.command()

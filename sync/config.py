@@ -82,6 +82,23 @@ class ServiceTitanConfig(_Section):
     max_concurrency: int = Field(default=32, ge=1, le=1000)
     timeout_seconds: float = Field(default=30.0, gt=0)
 
+    @field_validator("api_base_url", "auth_url")
+    @classmethod
+    def _https_unless_loopback(cls, v: str | None) -> str | None:
+        """Secrets and tokens never travel unencrypted: http:// is allowed only to this machine (the sandbox)."""
+        if v is None:
+            return v
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v)
+        if parts.scheme == "https":
+            return v
+        host = (parts.hostname or "").lower()
+        loopback = host in ("localhost", "::1") or host.endswith(".localhost") or host.startswith("127.")
+        if parts.scheme == "http" and loopback:  # *.localhost is loopback by RFC 6761
+            return v
+        raise ValueError("must be an https:// URL (plain http:// is allowed only for 127.0.0.1/localhost)")
+
     @property
     def api_root(self) -> str:
         root = self.api_base_url or (PRODUCTION_API if self.environment == "production" else INTEGRATION_API)

@@ -30,7 +30,7 @@ from sync.client import ServiceTitanClient
 from sync.config import Config
 from sync.detect import detect_all, preview
 from sync.dispatch import Dispatcher
-from sync.errors import DatabaseError, MigrationRequiredError, StsyncError
+from sync.errors import AuthError, DatabaseError, MigrationRequiredError, StsyncError
 from sync.log import get_logger
 from sync.observability import Metrics
 
@@ -99,6 +99,8 @@ class Daemon:
         self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, metrics=self.metrics)
         self._running: set[asyncio.Task[Any]] = set()
         self._progress_shown = False
+        self.errors: list[BaseException] = []
+        """What jobs failed with (logged and survived by `run`; `once` reports it in its exit code)."""
         # every log line of this process carries the tenant (asyncio tasks and threads inherit the context)
         structlog.contextvars.bind_contextvars(tenant=cfg.servicetitan.tenant_id)
         self.dry_run_requests: list[dict[str, Any]] = []
@@ -111,10 +113,12 @@ class Daemon:
             result: dict[str, Any] = await coro
             return result
         except StsyncError as exc:
+            self.errors.append(exc)
             self.log.error(f"{job}.failed", error=str(exc))
         except Exception as exc:
             from sqlalchemy.exc import DBAPIError
 
+            self.errors.append(exc)
             if isinstance(exc, DBAPIError):
                 self.log.error(f"{job}.failed", error="database: " + str(exc.orig or exc).strip().splitlines()[0])
             else:
@@ -333,6 +337,8 @@ def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:
         finally:
             await d.close()
         out["duration_s"] = round(time.monotonic() - started, 3)
+        out["errors"] = [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in d.errors]
+        out["exit_code"] = 2 if any(isinstance(e, AuthError) for e in d.errors) else (1 if d.errors else 0)
         return out
 
     return asyncio.run(_main())

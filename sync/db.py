@@ -12,7 +12,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 import sync.migrations
 from sync.errors import DatabaseError, MigrationRequiredError
@@ -62,6 +62,8 @@ def connect(engine: Engine) -> Iterator[Connection]:
             yield conn
     except OperationalError as exc:
         raise DatabaseError(f"database unreachable at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+    except DBAPIError as exc:  # e.g. a role without the rights this command needs (docs/deploy.md)
+        raise DatabaseError(f"database error at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import IntegrityError
 
 from sync import db, merge, records
 from sync.client import ApiResponse, ServiceTitanClient
@@ -39,6 +40,53 @@ from sync.request import _api_to_column
 from sync.retry import Outcome, backoff_seconds, classify
 
 log = get_logger("stsync.dispatch")
+
+
+def requeue(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: float, attempts: int,
+            status: int | None, error: str | None) -> None:
+    """Send this row again later. If a newer pending row of the record is already queued behind it, that row
+    carries the record's latest state (bodies are recomputed at claim time): this one is superseded and the
+    newer one inherits its backoff and attempt count (at most one pending row per record)."""
+    for _ in range(3):  # detect may queue a row between our check and our update: then fold into it
+        try:
+            with conn.begin_nested():
+                _requeue_once(conn, outbox_id, entity, mirror_id, delay_s=delay_s, attempts=attempts,
+                              status=status, error=error)
+            return
+        except IntegrityError:
+            continue
+    raise RuntimeError(f"outbox row {outbox_id}: could not requeue (pending row kept appearing)")
+
+
+def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: float, attempts: int,
+                  status: int | None, error: str | None) -> None:
+    folded = conn.execute(text("""UPDATE outbox SET attempts = GREATEST(attempts, :a), updated_at = now(),
+                                      next_attempt_at = GREATEST(next_attempt_at, now() + make_interval(secs => :d))
+                                  WHERE entity = :e AND mirror_id = :m AND state = 'pending' AND id <> :id
+                                  RETURNING id"""),
+                          {"e": entity, "m": mirror_id, "id": outbox_id, "a": attempts, "d": delay_s}).first()
+    if folded is not None:
+        conn.execute(text("""UPDATE outbox SET state = 'superseded', attempts = :a, last_status = :s,
+                             last_error = coalesce(CAST(:err AS jsonb), last_error), completed_at = now(),
+                             updated_at = now(), lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
+                     {"id": outbox_id, "a": attempts, "s": status, "err": error})
+        return
+    conn.execute(text("""UPDATE outbox SET state = 'pending', attempts = :a, last_status = :s,
+                         last_error = coalesce(CAST(:err AS jsonb), last_error), updated_at = now(),
+                         next_attempt_at = now() + make_interval(secs => :d),
+                         lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
+                 {"id": outbox_id, "a": attempts, "s": status, "err": error, "d": delay_s})
+
+
+def requeue_where(engine: Engine, condition: str, params: dict[str, Any]) -> int:
+    """Put in-flight rows matching ``condition`` (their lease expired, or this worker stops) back to pending."""
+    with engine.begin() as conn:
+        held = conn.execute(text(f"""SELECT id, entity, mirror_id, attempts FROM outbox
+                                      WHERE state = 'in_flight' AND {condition} ORDER BY id FOR UPDATE SKIP LOCKED"""),
+                            params).all()
+        for oid, entity, mirror_id, attempts in held:
+            requeue(conn, oid, entity, mirror_id, delay_s=0.0, attempts=attempts, status=None, error=None)
+    return len(held)
 
 
 @dataclass
@@ -81,6 +129,8 @@ class Dispatcher:
         self.worker = worker
         self.rng = rng or random.Random()
         self.stats = DispatchStats()
+        self.live: set[int] = set()
+        """Outbox ids this worker is sending right now (the only leases the heartbeat renews)."""
         self.metrics = metrics
         self.log = log.bind(worker=worker)
 
@@ -88,28 +138,25 @@ class Dispatcher:
 
     def reclaim_expired(self) -> int:
         """Rows whose lease expired (their worker died) go back to pending, due now."""
-        with self.engine.begin() as conn:
-            n = conn.execute(text("""UPDATE outbox SET state = 'pending', lease_owner = NULL, lease_expires_at = NULL,
-                                     next_attempt_at = now(), updated_at = now()
-                                     WHERE state = 'in_flight' AND lease_expires_at < now()""")).rowcount
+        n = requeue_where(self.engine, "lease_expires_at < now()", {})
         if n:
             self.stats.reclaimed += n
             self.log.warning("outbox.leases_reclaimed", count=n)
         return int(n)
 
     def heartbeat(self) -> None:
+        """Renew the leases of rows whose send is still alive (a row whose task died is left to expire)."""
+        live = list(self.live)
+        if not live:
+            return
         with self.engine.begin() as conn:
             conn.execute(text("UPDATE outbox SET lease_expires_at = now() + make_interval(secs => :l) "
-                              "WHERE state = 'in_flight' AND lease_owner = :w"),
-                         {"w": self.worker, "l": self.cfg.sync.lease_seconds})
+                              "WHERE state = 'in_flight' AND lease_owner = :w AND id = ANY(CAST(:ids AS bigint[]))"),
+                         {"w": self.worker, "l": self.cfg.sync.lease_seconds, "ids": live})
 
     def release_all(self) -> int:
         """On shutdown: give back rows this worker holds but has not finished (they are resent later)."""
-        with self.engine.begin() as conn:
-            return int(conn.execute(text("""UPDATE outbox SET state = 'pending', lease_owner = NULL,
-                                            lease_expires_at = NULL, updated_at = now()
-                                            WHERE state = 'in_flight' AND lease_owner = :w"""),
-                                    {"w": self.worker}).rowcount)
+        return requeue_where(self.engine, "lease_owner = :w", {"w": self.worker})
 
     def claim(self, limit: int) -> list[Claim]:
         """Lease up to ``limit`` due rows and compute each body from the current mirror and shadow."""
@@ -184,18 +231,12 @@ class Dispatcher:
                              {"id": c.outbox_id, "a": c.attempt, "s": resp.status})
             elif outcome is Outcome.RATE_LIMITED:
                 wait = resp.retry_after_s if resp.retry_after_s is not None else 1.0
-                conn.execute(text("""UPDATE outbox SET state = 'pending', last_status = 429,
-                                     next_attempt_at = now() + make_interval(secs => :d), updated_at = now(),
-                                     lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
-                             {"id": c.outbox_id, "d": wait})
+                requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=wait, attempts=c.attempt - 1,
+                        status=429, error=None)
             elif outcome is Outcome.RETRY and c.attempt < retry_cfg.max_attempts:
                 delay = backoff_seconds(c.attempt, retry_cfg.base_delay_seconds, retry_cfg.max_delay_seconds, self.rng)
-                conn.execute(text("""UPDATE outbox SET state = 'pending', attempts = :a, last_status = :s,
-                                     last_error = CAST(:e AS jsonb), updated_at = now(),
-                                     next_attempt_at = now() + make_interval(secs => :d),
-                                     lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
-                             {"id": c.outbox_id, "a": c.attempt, "s": resp.status or None, "d": delay,
-                              "e": json.dumps(error_body, default=str)})
+                requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=delay, attempts=c.attempt,
+                        status=resp.status or None, error=json.dumps(error_body, default=str))
             else:
                 outcome = Outcome.DEAD
                 self._mark_dead(conn, c, resp, error_body)
@@ -308,6 +349,13 @@ class Dispatcher:
     # ---------------------------------------------------------------------------------------- async
 
     async def _send(self, c: Claim, dry_run: bool = False) -> Outcome:
+        self.live.add(c.outbox_id)
+        try:
+            return await self._send_live(c)
+        finally:
+            self.live.discard(c.outbox_id)
+
+    async def _send_live(self, c: Claim) -> Outcome:
         started = time.time()
         resp = await self.client.patch(API_COLLECTIONS[c.entity], c.st_id, c.body)
         outcome = await asyncio.to_thread(self.complete, c, resp, started)

@@ -120,7 +120,10 @@ def canonical(kind: Kind, value: Any) -> Any:
         return sorted({int(v) for v in value})
     if kind in ("custom_fields", "external_data"):
         if isinstance(value, Mapping):
-            return {str(k): (None if v is None else str(v)) for k, v in value.items()}
+            bad = [k for k, v in value.items() if v is not None and not isinstance(v, str)]
+            if bad:  # never send Python's repr of a number, list or object as the value
+                raise TypeError(f"values must be strings (see key {bad[0]!r})")
+            return {str(k): v for k, v in value.items()}
         raise TypeError(f"expected a JSON object, got {type(value).__name__}")
     if kind == "timestamp":
         return parse_timestamp(value).isoformat()

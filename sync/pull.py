@@ -22,12 +22,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 
-from sync import db, records
+from sync import db, openapi, records
 from sync.client import ApiResponse, ServiceTitanClient
 from sync.config import Config
 from sync.errors import ServiceTitanError
@@ -306,6 +307,13 @@ def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any) 
             stats.skipped += 1
             log.warning("pull.record_skipped", entity=entity, position=i, reason="no id")
             continue
+        missing = _missing_fields(entity, raw)
+        if missing:
+            stats.skipped += 1
+            log.warning("pull.record_skipped", entity=entity, st_id=st_id, reason="missing required fields",
+                        fields=missing)
+            continue
+        raw = _storable(raw, entity, st_id, log)
         try:
             rec = _normalise(record_from_api(entity, raw))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -317,6 +325,50 @@ def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any) 
         if seen is not None and _newer(seen, rec):
             continue
         out[st_id] = rec
+    return out
+
+
+@cache
+def _required(entity: Entity) -> tuple[frozenset[str], frozenset[str]]:
+    """Synced top-level fields and address parts the export schema marks required (absent is not null)."""
+    schemas = openapi.spec()["components"]["schemas"]
+    name = "Crm.V2.ExportCustomerResponse" if entity == "customer" else "Crm.V2.ExportLocationsResponse"
+    required = set(schemas[name].get("required", []))
+    synced = {f.api for f in FIELDS[entity] if not f.address} | {"address"}
+    address_required = set(schemas["Crm.V2.Customers.CustomerAddress"].get("required", []))
+    return frozenset(required & synced - {"externalData"}), frozenset(address_required)
+
+
+def _missing_fields(entity: Entity, raw: Mapping[str, Any]) -> list[str]:
+    top, address = _required(entity)
+    missing = sorted(k for k in top if k not in raw)
+    addr = raw.get("address")
+    if isinstance(addr, Mapping):
+        missing += sorted(f"address.{k}" for k in address if k not in addr)
+    return missing
+
+
+def _storable(raw: Any, entity: Entity, st_id: int, log: Any) -> Any:
+    """Strings PostgreSQL cannot store (U+0000) lose that character, with a warning, instead of failing the
+    page transaction on every pull (which would block the whole feed)."""
+    found = False
+
+    def clean(v: Any) -> Any:
+        nonlocal found
+        if isinstance(v, str):
+            if "\x00" in v:
+                found = True
+                return v.replace("\x00", "")
+            return v
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return v
+
+    out = clean(raw)
+    if found:
+        log.warning("pull.nul_removed", entity=entity, st_id=st_id)
     return out
 
 

@@ -1,0 +1,383 @@
+"""Bad input from every side, each with a clear one-line error and nothing lost.
+
+Malformed configuration (unknown/missing keys, wrong types, unset variables, invalid YAML, unreadable files) is
+covered in tests/test_config.py (``test_bad_config_is_one_line_exit_2`` and neighbours); this module covers the
+mirror rows local applications write, and ServiceTitan's answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine
+
+from sync import openapi
+from sync.client import ServiceTitanClient
+from sync.config import Config
+from sync.errors import ServiceTitanError
+from sync.pull import pull
+from sync.sandbox import Sandbox, create_app
+from tests.chaos_kit import Tamper, cut_off, cycle, html_502, non_json_200, raw, rewrite_json, truncated_200
+from tests.conftest import make_config
+from tests.e2ekit import Env
+from tests.pushkit import link_mirror, rows, sql
+
+
+@pytest.fixture
+def sb() -> Sandbox:
+    s = Sandbox(tenant_id=1, rate_limit_per_second=None)
+    s.seed(customers=8, locations=6, seed=5)
+    return s
+
+
+@pytest.fixture
+def linked(engine: Engine, sb: Sandbox) -> dict[int, int]:
+    return link_mirror(engine, sb)
+
+
+@pytest.fixture
+def cfg(database_url: str) -> Config:
+    return make_config(database_url, retry={"base_delay_seconds": 0.01, "max_delay_seconds": 0.02, "max_attempts": 3},
+                       servicetitan={"requests_per_second": 1000})
+
+
+def customers(sb: Sandbox) -> list[int]:
+    return sorted(c["id"] for c in sb.customers())
+
+
+def patches(sb: Sandbox) -> list[Any]:
+    return [r for r in sb.requests if r.method == "PATCH"]
+
+
+def drain(engine: Engine, cfg: Config, sb: Sandbox, transport: Any = None, rounds: int = 12) -> None:
+    for _ in range(rounds):
+        cycle(engine, cfg, sb, pull=False, transport=transport)
+        sql(engine, "UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'")
+        if not rows(engine, "SELECT 1 FROM outbox WHERE state IN ('pending', 'in_flight') "
+                            "UNION ALL SELECT 1 FROM change_log LIMIT 1"):
+            return
+    raise AssertionError("the outbox did not drain")
+
+
+def one_line(value: Any) -> bool:
+    return isinstance(value, str) and bool(value) and "\n" not in value
+
+
+# ---------------------------------------------------------------------------------------------- rows ServiceTitan rejects
+
+
+@pytest.mark.parametrize(("column", "edit", "error_key"), [
+    ("name", "name = ''", "name"),
+    ("name", "name = '   '", "name"),
+    ("street", "street = '  '", "address.street"),
+    ("tag_type_ids", "tag_type_ids = '{999999}'", "tagTypeIds"),
+])
+def test_a_row_servicetitan_rejects_is_dead_with_its_error_body_and_others_land(
+        engine: Engine, cfg: Config, sb: Sandbox, linked: dict[int, int], column: str, edit: str,
+        error_key: str) -> None:
+    bad, *good = customers(sb)[:4]
+    sql(engine, f"UPDATE customers SET {edit}, do_not_mail = NOT do_not_mail WHERE st_id = :s", s=bad)
+    for st in good:
+        sql(engine, "UPDATE customers SET name = name || ' (fine)' WHERE st_id = :s", s=st)
+    drain(engine, cfg, sb)
+    dead = rows(engine, "SELECT last_status, last_error FROM outbox WHERE st_id = :s", s=bad)
+    assert len(dead) == 1 and dead[0][0] == 400
+    body = dead[0][1]
+    assert body["status"] == 400 and error_key in body["errors"]  # ServiceTitan's own error body, kept whole
+    mirror = rows(engine, "SELECT sync_status, sync_error FROM customers WHERE st_id = :s", s=bad)[0]
+    assert mirror[0] == "error" and column in mirror[1]["columns"] and one_line(mirror[1]["message"])
+    assert mirror[1]["errors"] == body["errors"]
+    assert rows(engine, "SELECT count(*) FROM outbox WHERE state = 'succeeded'") == [(3,)]
+    assert all(sb.get_customer(st)["name"].endswith(" (fine)") for st in good)
+    # nothing lost: fixing the column sends the whole pending diff, the other field included
+    before = sb.get_customer(bad)["doNotMail"]
+    fix = {"name": "name = 'Fixed Name'", "street": "street = '1 Fixed St'",
+           "tag_type_ids": "tag_type_ids = '{}'"}[column]
+    sql(engine, f"UPDATE customers SET {fix} WHERE st_id = :s", s=bad)
+    drain(engine, cfg, sb)
+    last = patches(sb)[-1].body
+    assert "doNotMail" in last and sb.get_customer(bad)["doNotMail"] != before
+    assert rows(engine, "SELECT sync_status, sync_error FROM customers WHERE st_id = :s", s=bad) == [("synced", None)]
+
+
+@pytest.mark.parametrize("value", ["residential", "Alien", ""])
+def test_a_type_outside_the_enum_is_never_sent(engine: Engine, cfg: Config, sb: Sandbox, linked: dict[int, int],
+                                               value: str) -> None:
+    st = customers(sb)[0]
+    sql(engine, "UPDATE customers SET type = :t, name = 'With Bad Type' WHERE st_id = :s", t=value, s=st)
+    drain(engine, cfg, sb)
+    assert patches(sb) == []
+    state, error = rows(engine, "SELECT state, last_error FROM outbox")[0]
+    assert state == "dead" and "type" in error["validation"] and one_line(error["message"])
+    assert rows(engine, "SELECT sync_error->'columns' FROM customers WHERE st_id = :s", s=st) == [(["type"],)]
+    sql(engine, "UPDATE customers SET type = 'Commercial' WHERE st_id = :s", s=st)  # fixed: the whole diff goes
+    drain(engine, cfg, sb)
+    assert sb.get_customer(st)["name"] == "With Bad Type" and sb.get_customer(st)["type"] == "Commercial"
+
+
+def test_the_openapi_file_sets_no_length_limits_so_long_values_are_sent_as_they_are(
+        engine: Engine, cfg: Config, sb: Sandbox, linked: dict[int, int]) -> None:
+    assert "maxLength" not in json.dumps(openapi.spec())  # ServiceTitan publishes no limits: nothing to check
+    st = customers(sb)[0]
+    long_name, long_value = "N" * 20_000, "V" * 200_000
+    sql(engine, "UPDATE customers SET name = :n, custom_fields = CAST(:cf AS jsonb) WHERE st_id = :s",
+        n=long_name, cf=json.dumps({"201": long_value}), s=st)
+    drain(engine, cfg, sb)
+    got = sb.get_customer(st)
+    assert got["name"] == long_name and got["customFields"][0]["value"] == long_value
+    assert rows(engine, "SELECT state FROM outbox") == [("succeeded",)]
+
+
+# ---------------------------------------------------------------------------------------------- JSON columns
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("custom_fields", [1, 2]),
+    ("custom_fields", 5),
+    ("custom_fields", "text"),
+    ("custom_fields", {"not-a-type-id": "x"}),
+    ("external_data", ["a", "b"]),
+    ("external_data", 7),
+])
+def test_a_json_column_of_the_wrong_shape_is_never_sent(engine: Engine, cfg: Config, sb: Sandbox,
+                                                        linked: dict[int, int], column: str, value: Any) -> None:
+    bad, good = customers(sb)[:2]
+    sql(engine, f"UPDATE customers SET {column} = CAST(:v AS jsonb) WHERE st_id = :s", v=json.dumps(value), s=bad)
+    sql(engine, "UPDATE customers SET name = 'Unaffected' WHERE st_id = :s", s=good)
+    drain(engine, cfg, sb)
+    assert [p.record_id for p in patches(sb)] == [good]
+    error = rows(engine, "SELECT last_error FROM outbox WHERE st_id = :s", s=bad)[0][0]
+    assert column in error["validation"] and one_line(error["message"])
+    assert rows(engine, "SELECT sync_status, sync_error->'columns' FROM customers WHERE st_id = :s", s=bad) == [
+        ("error", [column])]
+
+
+BUG_STR_VALUES = ("BUG: non-string values inside custom_fields / external_data (nested objects, arrays, booleans, "
+                  "numbers) are turned into Python's str() (\"{'a': 1}\", '[1, 2]', 'True') by fields.canonical "
+                  "and sent and stored in ServiceTitan as such, instead of being rejected before sending")
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("custom_fields", {"201": {"a": 1}}),
+    ("custom_fields", {"201": [1, 2]}),
+    ("custom_fields", {"201": True}),
+    ("custom_fields", {"201": 5}),
+    ("external_data", {"k": {"x": 1}}),
+])
+def test_a_json_value_that_is_not_a_string_is_never_sent(engine: Engine, cfg: Config, sb: Sandbox,
+                                                         linked: dict[int, int], column: str, value: Any) -> None:
+    st = customers(sb)[0]
+    sql(engine, f"UPDATE customers SET {column} = CAST(:v AS jsonb) WHERE st_id = :s", v=json.dumps(value), s=st)
+    drain(engine, cfg, sb)
+    sent = [json.dumps(p.body) for p in patches(sb)]
+    assert not any("{'" in s or "[1, 2]" in s or '"True"' in s for s in sent), sent
+    assert patches(sb) == []
+    assert rows(engine, "SELECT sync_error->'columns' FROM customers WHERE st_id = :s", s=st) == [([column],)]
+
+
+def test_a_huge_custom_field_map_with_unknown_type_ids_is_dead_with_servicetitans_error(
+        engine: Engine, cfg: Config, sb: Sandbox, linked: dict[int, int]) -> None:
+    st = customers(sb)[0]
+    huge = {str(900_000 + i): f"value {i}" for i in range(5_000)}
+    sql(engine, "UPDATE customers SET custom_fields = CAST(:v AS jsonb) WHERE st_id = :s", v=json.dumps(huge), s=st)
+    drain(engine, cfg, sb)
+    status, error = rows(engine, "SELECT last_status, last_error FROM outbox")[0]
+    assert status == 400 and any(k.startswith("customFields") for k in error["errors"])
+    assert rows(engine, "SELECT sync_status FROM customers WHERE st_id = :s", s=st) == [("error",)]
+
+
+# ---------------------------------------------------------------------------------------------- deletes
+
+
+def test_deleting_a_mirror_row_is_not_propagated_but_tombstoned_and_warned(e2e: Env) -> None:
+    e2e.sb.seed(customers=3, locations=3, seed=9)
+    link_mirror(e2e.engine, e2e.sb)
+    loc_mid, loc_st, loc_name = rows(e2e.engine, "SELECT id, st_id, name FROM locations ORDER BY id LIMIT 1")[0]
+    sql(e2e.engine, "DELETE FROM locations WHERE id = :m", m=loc_mid)
+    cfg = e2e.config(extra="")
+    proc = e2e.stsync(cfg, "once")
+    assert proc.returncode == 0, proc.stderr
+    warned = [json.loads(line) for line in proc.stderr.splitlines()
+              if line.startswith("{") and "local_delete_not_propagated" in line]
+    assert warned and warned[0]["level"] == "warning" and warned[0]["st_id"] == loc_st
+    assert [r.method for r in e2e.sb.requests if r.record_id == loc_st] == []  # nothing sent about it
+    assert e2e.sb.get_location(loc_st)["name"] == loc_name  # still there in ServiceTitan
+    (old,) = rows(e2e.engine, "SELECT old_row FROM tombstones WHERE entity = 'location' AND st_id = :s", s=loc_st)
+    assert old[0]["name"] == loc_name  # the deleted row is kept whole
+    status = json.loads(e2e.stsync(cfg, "status", "--json").stdout)
+    assert status["tombstones"] == 1
+
+
+def test_deleting_a_customer_that_still_has_locations_is_refused_by_the_database(
+        engine: Engine, sb: Sandbox, linked: dict[int, int]) -> None:
+    from sqlalchemy.exc import IntegrityError
+
+    with pytest.raises(IntegrityError, match="foreign key"):
+        sql(engine, "DELETE FROM customers WHERE id = (SELECT customer_id FROM locations WHERE customer_id "
+                    "IS NOT NULL LIMIT 1)")
+
+
+# ---------------------------------------------------------------------------------------------- garbage answers (push)
+
+
+GARBAGE = {"non-JSON 200": non_json_200, "truncated 200": truncated_200, "connection cut mid-body": cut_off,
+           "HTML 502": html_502}
+
+
+@pytest.mark.parametrize("kind", sorted(GARBAGE))
+def test_garbage_answers_to_a_patch_are_retried_and_the_edit_lands(engine: Engine, cfg: Config, sb: Sandbox,
+                                                                   linked: dict[int, int], kind: str) -> None:
+    tamper = Tamper(create_app(sb))
+    tamper.add("PATCH", r"/customers/\d+$", GARBAGE[kind], times=2, name=kind)
+    st = customers(sb)[0]
+    sql(engine, "UPDATE customers SET name = 'After Garbage' WHERE st_id = :s", s=st)
+    drain(engine, cfg, sb, transport=tamper)
+    assert tamper.hits == {kind: 2}
+    assert sb.get_customer(st)["name"] == "After Garbage"
+    assert rows(engine, "SELECT state, attempts FROM outbox") == [("succeeded", 3)]
+    attempts = rows(engine, "SELECT outcome, error FROM outbox_attempts ORDER BY id")
+    assert [a[0] for a in attempts] == ["retry", "retry", "succeeded"]
+    assert all(a[1] is not None for a in attempts[:2])  # what came back is recorded
+    assert rows(engine, "SELECT sync_status FROM customers WHERE st_id = :s", s=st) == [("synced",)]
+
+
+@pytest.mark.parametrize("kind", ["non-JSON 200", "connection cut mid-body"])
+def test_garbage_on_every_attempt_ends_dead_with_a_one_line_reason(engine: Engine, cfg: Config, sb: Sandbox,
+                                                                   linked: dict[int, int], kind: str) -> None:
+    tamper = Tamper(create_app(sb))
+    tamper.add("PATCH", r"/customers/\d+$", GARBAGE[kind], times=99, name=kind)
+    bad, good = customers(sb)[:2]
+    sql(engine, "UPDATE customers SET name = 'Never Confirmed' WHERE st_id = :s", s=bad)
+    drain(engine, cfg, sb, transport=tamper)
+    assert rows(engine, "SELECT state, attempts FROM outbox") == [("dead", 3)]  # retry.max_attempts
+    err = rows(engine, "SELECT sync_error FROM customers WHERE st_id = :s", s=bad)[0][0]
+    assert one_line(err["message"]) and err["outbox_id"]
+    tamper.rules.clear()
+    sql(engine, "UPDATE customers SET name = 'Fine Again' WHERE st_id = :s", s=good)
+    drain(engine, cfg, sb, transport=tamper)
+    assert sb.get_customer(good)["name"] == "Fine Again"
+
+
+# ---------------------------------------------------------------------------------------------- garbage answers (pull)
+
+
+def run_pull(engine: Engine, cfg: Config, transport: Any) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        async with ServiceTitanClient(cfg.servicetitan, transport=transport) as st:
+            return await pull(engine, st, cfg)
+
+    return asyncio.run(main())
+
+
+def cursor(engine: Engine) -> Any:
+    return rows(engine, "SELECT continue_from FROM feed_cursors WHERE feed = 'customers'")
+
+
+@pytest.mark.parametrize(("kind", "message"), [
+    ("non-JSON 200", "not {hasMore, continueFrom, data}"),
+    ("truncated 200", "not {hasMore, continueFrom, data}"),
+    ("connection cut mid-body", "no answer"),
+    ("HTML 502", "answered 502"),
+])
+def test_a_garbage_export_page_raises_one_line_and_keeps_the_cursor(engine: Engine, cfg: Config, sb: Sandbox,
+                                                                    kind: str, message: str) -> None:
+    tamper = Tamper(create_app(sb))
+    run_pull(engine, cfg, tamper)  # initial load
+    before = cursor(engine)
+    sb.edit_customer(customers(sb)[0], name="Seen Later")
+    tamper.add("GET", r"/export/customers$", GARBAGE[kind], times=4, name=kind)  # every try of one pull
+    with pytest.raises(ServiceTitanError, match=message) as err:
+        run_pull(engine, cfg, tamper)
+    assert "\n" not in str(err.value)
+    assert cursor(engine) == before
+    run_pull(engine, cfg, tamper)  # ServiceTitan is fine again: nothing was skipped
+    assert rows(engine, "SELECT name FROM customers WHERE st_id = :s", s=customers(sb)[0]) == [("Seen Later",)]
+
+
+def test_an_export_record_with_unknown_fields_is_applied(engine: Engine, cfg: Config, sb: Sandbox) -> None:
+    def add_fields(body: Any) -> Any:
+        body["someNewPageField"] = 1
+        for r in body["data"]:
+            r["brandNewField"] = {"nested": [1, 2]}
+            r["address"]["plusFour"] = "1234"
+        return body
+
+    tamper = Tamper(create_app(sb))
+    tamper.add("GET", r"/export/customers$", rewrite_json(add_fields), times=1)
+    out = run_pull(engine, cfg, tamper)
+    assert out["customers"]["inserted"] == 8 and out["customers"]["skipped"] == 0
+
+
+BUG_MISSING = ("BUG: an export record missing required fields (name, type, address...) is applied as if they were "
+               "null: the mirror's values are overwritten with NULL, silently (pull._parse_records only checks id)")
+
+
+def test_an_export_record_missing_fields_is_skipped_not_applied_as_nulls(engine: Engine, cfg: Config,
+                                                                         sb: Sandbox) -> None:
+    tamper = Tamper(create_app(sb))
+    run_pull(engine, cfg, tamper)
+    victim, other = customers(sb)[:2]
+    before = rows(engine, "SELECT name, type, street FROM customers WHERE st_id = :s", s=victim)
+    sb.edit_customer(victim, doNotMail=True)
+    sb.edit_customer(other, name="Other Edit")
+
+    def strip(body: Any) -> Any:
+        for r in body["data"]:
+            if r["id"] == victim:
+                for key in ("name", "type", "address"):
+                    r.pop(key)
+        return body
+
+    tamper.add("GET", r"/export/customers$", rewrite_json(strip), times=1)
+    out = run_pull(engine, cfg, tamper)
+    assert rows(engine, "SELECT name FROM customers WHERE st_id = :s", s=other) == [("Other Edit",)]
+    assert rows(engine, "SELECT name, type, street FROM customers WHERE st_id = :s", s=victim) == before
+    assert out["customers"]["skipped"] == 1
+
+
+BUG_NUL = ("BUG: a remote text value containing U+0000 (valid JSON, rejected by PostgreSQL text/jsonb) fails the "
+           "whole page transaction on every pull: the feed is stuck and every later remote change is blocked")
+
+
+def test_a_remote_value_postgresql_cannot_store_does_not_block_the_feed(engine: Engine, cfg: Config,
+                                                                        sb: Sandbox) -> None:
+    tamper = Tamper(create_app(sb))
+    run_pull(engine, cfg, tamper)
+    poisoned, other = customers(sb)[:2]
+    sb.edit_customer(poisoned, name="Nul\x00Byte")
+    sb.edit_customer(other, name="Must Arrive")
+    try:
+        run_pull(engine, cfg, tamper)
+    except Exception as exc:  # the pull may report the bad record, but must not stop there
+        assert "\n" not in str(exc)
+    run_pull(engine, cfg, tamper)
+    assert rows(engine, "SELECT name FROM customers WHERE st_id = :s", s=other) == [("Must Arrive",)]
+
+
+def test_a_garbage_token_answer_is_one_line_and_nothing_is_sent(engine: Engine, cfg: Config, sb: Sandbox,
+                                                                linked: dict[int, int]) -> None:
+    async def garbage_token(request: httpx.Request, inner: Any) -> httpx.Response:
+        return raw(200, b"<html>maintenance</html>", "text/html")
+
+    tamper = Tamper(create_app(sb))
+    tamper.add("POST", r"/connect/token$", garbage_token, times=99)
+    st = customers(sb)[0]
+    sql(engine, "UPDATE customers SET name = 'Waits For A Token' WHERE st_id = :s", s=st)
+    cycle(engine, cfg, sb, pull=False, transport=tamper)
+    state, error = rows(engine, "SELECT state, last_error FROM outbox")[0]
+    assert state == "pending" and one_line(error["message"]) and "access_token" in error["message"]
+    tamper.rules.clear()
+    drain(engine, cfg, sb, transport=tamper)
+    assert sb.get_customer(st)["name"] == "Waits For A Token"
+
+
+def test_once_with_refused_credentials_exits_non_zero(e2e: Env, tmp_path: Any) -> None:
+    cfg = tmp_path / "wrong.yaml"
+    cfg.write_text(e2e.config().read_text().replace("${ST_SECRET:-sandbox-secret}", "wrong-secret-for-sure"))
+    proc = e2e.stsync(cfg, "once")
+    assert "refused the client credentials" in proc.stderr
+    assert proc.returncode in (1, 2)
