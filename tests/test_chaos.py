@@ -156,7 +156,7 @@ BUG_CHAOS = ("BUG: fails on the current code, first of all through the outbox_on
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=BUG_CHAOS)
+@pytest.mark.xfail(strict=False, reason=BUG_CHAOS)  # random faults: may dodge bugs 2 and 3 on a lucky run
 def test_chaos_nothing_lost_nothing_reordered(tmp_path: Path) -> None:
     figures, problems = run_chaos(tmp_path)
     (tmp_path / "figures.json").write_text(json.dumps({**figures, "problems": problems}, indent=2, default=str))
