@@ -43,7 +43,7 @@ log = get_logger("stsync.dispatch")
 
 
 def requeue(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: float, attempts: int,
-            status: int | None, error: str | None) -> None:
+            status: int | None, error: str | None, unconfirmed: str | None = None) -> None:
     """Send this row again later. If a newer pending row of the record is already queued behind it, that row
     carries the record's latest state (bodies are recomputed at claim time): this one is superseded and the
     newer one inherits its backoff and attempt count (at most one pending row per record)."""
@@ -51,7 +51,7 @@ def requeue(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: 
         try:
             with conn.begin_nested():
                 _requeue_once(conn, outbox_id, entity, mirror_id, delay_s=delay_s, attempts=attempts,
-                              status=status, error=error)
+                              status=status, error=error, unconfirmed=unconfirmed)
             return
         except IntegrityError:
             continue
@@ -59,12 +59,15 @@ def requeue(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: 
 
 
 def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: float, attempts: int,
-                  status: int | None, error: str | None) -> None:
+                  status: int | None, error: str | None, unconfirmed: str | None) -> None:
     folded = conn.execute(text("""UPDATE outbox SET attempts = GREATEST(attempts, :a), updated_at = now(),
-                                      next_attempt_at = GREATEST(next_attempt_at, now() + make_interval(secs => :d))
+                                      next_attempt_at = GREATEST(next_attempt_at, now() + make_interval(secs => :d)),
+                                      unconfirmed = coalesce(unconfirmed, '{}'::jsonb)
+                                                    || coalesce(CAST(:u AS jsonb), '{}'::jsonb)
                                   WHERE entity = :e AND mirror_id = :m AND state = 'pending' AND id <> :id
                                   RETURNING id"""),
-                          {"e": entity, "m": mirror_id, "id": outbox_id, "a": attempts, "d": delay_s}).first()
+                          {"e": entity, "m": mirror_id, "id": outbox_id, "a": attempts, "d": delay_s,
+                           "u": unconfirmed}).first()
     if folded is not None:
         conn.execute(text("""UPDATE outbox SET state = 'superseded', attempts = :a, last_status = :s,
                              last_error = coalesce(CAST(:err AS jsonb), last_error), completed_at = now(),
@@ -74,8 +77,10 @@ def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, del
     conn.execute(text("""UPDATE outbox SET state = 'pending', attempts = :a, last_status = :s,
                          last_error = coalesce(CAST(:err AS jsonb), last_error), updated_at = now(),
                          next_attempt_at = now() + make_interval(secs => :d),
+                         unconfirmed = CASE WHEN CAST(:u AS jsonb) IS NULL THEN unconfirmed
+                                            ELSE coalesce(unconfirmed, '{}'::jsonb) || CAST(:u AS jsonb) END,
                          lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
-                 {"id": outbox_id, "a": attempts, "s": status, "err": error, "d": delay_s})
+                 {"id": outbox_id, "a": attempts, "s": status, "err": error, "d": delay_s, "u": unconfirmed})
 
 
 def requeue_where(engine: Engine, condition: str, params: dict[str, Any]) -> int:
@@ -235,8 +240,13 @@ class Dispatcher:
                         status=429, error=None)
             elif outcome is Outcome.RETRY and c.attempt < retry_cfg.max_attempts:
                 delay = backoff_seconds(c.attempt, retry_cfg.base_delay_seconds, retry_cfg.max_delay_seconds, self.rng)
+                # no answer, a 5xx or garbage: ServiceTitan may have applied it. Remember what was sent, so the
+                # pull takes those values for our own echo, not for a remote edit (docs/push.md)
+                in_doubt = resp.status == 0 or resp.status >= 500 or 200 <= resp.status < 300
+                sent = {col: c.sent.get(col) for col in c.diff} if in_doubt else None
                 requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=delay, attempts=c.attempt,
-                        status=resp.status or None, error=json.dumps(error_body, default=str))
+                        status=resp.status or None, error=json.dumps(error_body, default=str),
+                        unconfirmed=json.dumps(sent, default=str) if sent else None)
             else:
                 outcome = Outcome.DEAD
                 self._mark_dead(conn, c, resp, error_body)

@@ -483,12 +483,14 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
                      {"ids": ids})
         mirror = records.load_mirror(conn, entity, ids)
         shadows.update(records.load_shadows(conn, entity, ids))  # again, under the lock
-        for mid, state, diff, updated_at in conn.execute(
-            text("""SELECT mirror_id, state, diff, updated_at FROM outbox
+        for mid, state, diff, unconfirmed, updated_at in conn.execute(
+            text("""SELECT mirror_id, state, diff, unconfirmed, updated_at FROM outbox
                     WHERE entity = :e AND mirror_id = ANY(:ids) AND state IN ('pending', 'in_flight')""")
                 .bindparams(_IDS), {"e": entity, "ids": ids}):
             slot = outbox.setdefault(mid, {})
             slot[state] = diff
+            if unconfirmed:  # sent by an attempt whose answer was lost: possibly applied, our own values
+                slot["unconfirmed"] = unconfirmed
             if updated_at is not None:
                 slot["at"] = max(slot.get("at", updated_at), updated_at)
         if policy == "newest_wins":
@@ -508,7 +510,8 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
         remote_mod = parse_timestamp(remote["modified_on"]) if remote.get("modified_on") else None
         result = merge(entity, shadows.get(mid), row.record, remote, policy, remote_modified_on=remote_mod,
                        local_changed_at=max(local_times) if local_times else now, sync_active=cfg.sync.sync_active,
-                       in_flight=_in_flight_values(ob.get("in_flight"), row.record))
+                       in_flight={**(ob.get("unconfirmed") or {}),
+                                  **_in_flight_values(ob.get("in_flight"), row.record)})
         if result.stale:
             stats.stale += 1
         if not result.changed:
