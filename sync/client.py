@@ -28,6 +28,8 @@ from sync.ratelimit import RateLimiter
 log = get_logger("stsync.client")
 
 TOKEN_REFRESH_MARGIN_S = 60.0
+TOKEN_RETRY_S = 5.0
+"""After a failed token fetch, every sender waits this long (the outage is not any one record's fault)."""
 _RETRY_IN_BODY = re.compile(r"try again in (\d+(?:\.\d+)?) second", re.IGNORECASE)
 
 
@@ -42,6 +44,8 @@ class ApiResponse:
     error: str | None = None
     """Transport error description when status is 0, or a parse problem."""
     headers: dict[str, str] = field(default_factory=dict)
+    not_sent: bool = False
+    """No request left this process (no token could be had): nothing can have been applied."""
 
     @property
     def ok(self) -> bool:
@@ -161,8 +165,9 @@ class ServiceTitanClient:
                 token = await self.token(rejected=token)
             except AuthError:
                 raise
-            except ServiceTitanError as exc:  # token endpoint unreachable: transient, like any connection error
-                return ApiResponse(0, None, 0.0, error=str(exc))
+            except ServiceTitanError as exc:  # token endpoint unreachable or garbled: transient, and global
+                self.limiter.pause(TOKEN_RETRY_S)
+                return ApiResponse(0, None, 0.0, error=str(exc), retry_after_s=TOKEN_RETRY_S, not_sent=True)
             await self.limiter.acquire()
             started = time.perf_counter()
             try:

@@ -234,6 +234,10 @@ class Dispatcher:
                                      last_error = NULL, completed_at = now(), updated_at = now(),
                                      lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
                              {"id": c.outbox_id, "a": c.attempt, "s": resp.status})
+            elif resp.not_sent:  # no token: nothing was sent, so no attempt is spent (like a 429)
+                outcome = Outcome.RATE_LIMITED
+                requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=resp.retry_after_s or 5.0,
+                        attempts=c.attempt - 1, status=None, error=json.dumps(error_body, default=str))
             elif outcome is Outcome.RATE_LIMITED:
                 wait = resp.retry_after_s if resp.retry_after_s is not None else 1.0
                 requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=wait, attempts=c.attempt - 1,
