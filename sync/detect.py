@@ -100,7 +100,7 @@ def mark_dead_before_send(conn: Connection, entity: Entity, row: records.MirrorR
 
 
 def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int], deletes: list[dict[str, Any]],
-                   result: DetectResult) -> None:
+                   result: DetectResult, edited_at: dict[tuple[str, int], Any] | None = None) -> None:
     table = TABLES[entity]
     for old in deletes:
         conn.execute(
@@ -139,7 +139,9 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
             mark_dead_before_send(conn, entity, row, diff, patch)
             result.dead += 1
         else:
-            upserts.append({"m": mid, "s": row.st_id, "p": json.dumps(patch.body), "d": json.dumps(diff)})
+            at = (edited_at or {}).get((entity, mid))
+            upserts.append({"m": mid, "s": row.st_id, "p": json.dumps(patch.body), "d": json.dumps(diff),
+                            "t": at.isoformat() if at is not None else None})
             result.coalesced += mid in pending
     result.records += len(rows)
     if clean:
@@ -152,15 +154,16 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
     if upserts:
         # one statement for the whole batch (coalescing into existing pending rows via the unique index)
         conn.execute(
-            text("""INSERT INTO outbox (entity, mirror_id, st_id, payload, diff)
-                    SELECT :e, t.m, t.s, CAST(t.p AS jsonb), CAST(t.d AS jsonb)
+            text("""INSERT INTO outbox (entity, mirror_id, st_id, payload, diff, local_changed_at)
+                    SELECT :e, t.m, t.s, CAST(t.p AS jsonb), CAST(t.d AS jsonb), t.t
                     FROM unnest(CAST(:ms AS bigint[]), CAST(:ss AS bigint[]), CAST(:ps AS text[]),
-                                CAST(:ds AS text[])) AS t(m, s, p, d)
+                                CAST(:ds AS text[]), CAST(:ts AS timestamptz[])) AS t(m, s, p, d, t)
                     ON CONFLICT (entity, mirror_id) WHERE state = 'pending'
                     DO UPDATE SET payload = EXCLUDED.payload, diff = EXCLUDED.diff, st_id = EXCLUDED.st_id,
-                                  updated_at = now()"""),
+                                  updated_at = now(),
+                                  local_changed_at = GREATEST(outbox.local_changed_at, EXCLUDED.local_changed_at)"""),
             {"e": entity, "ms": [u["m"] for u in upserts], "ss": [u["s"] for u in upserts],
-             "ps": [u["p"] for u in upserts], "ds": [u["d"] for u in upserts]},
+             "ps": [u["p"] for u in upserts], "ds": [u["d"] for u in upserts], "ts": [u["t"] for u in upserts]},
         )
         conn.execute(text(f"UPDATE {table} SET sync_status = 'pending' "
                           "WHERE id = ANY(:ids) AND sync_status <> 'pending'")
@@ -186,7 +189,7 @@ def detect_batch(engine: Engine, cfg: Config, *, limit: int | None = None) -> De
         drained = conn.execute(
             text("""DELETE FROM change_log WHERE id IN (
                         SELECT id FROM change_log ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)
-                    RETURNING entity, mirror_id, op, old_row"""),
+                    RETURNING entity, mirror_id, op, old_row, changed_at"""),
             {"n": limit or cfg.sync.batch_size},
         ).all()
         if not drained:
@@ -194,14 +197,18 @@ def detect_batch(engine: Engine, cfg: Config, *, limit: int | None = None) -> De
         result.rows = len(drained)
         ids: dict[str, set[int]] = defaultdict(set)
         deletes: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for entity, mid, op, old_row in drained:
+        edited_at: dict[tuple[str, int], Any] = {}
+        for entity, mid, op, old_row, changed_at in drained:
             if op == "D":
                 deletes[entity].append(dict(old_row))
             else:
                 ids[entity].add(mid)
+                if op != "R":  # a recheck is stsync's own doing, not an edit
+                    key = (entity, mid)
+                    edited_at[key] = max(edited_at.get(key, changed_at), changed_at)
         for entity in ENTITIES:
             _detect_entity(conn, cfg, entity, ids[entity] - {d["id"] for d in deletes[entity]},
-                           deletes[entity], result)
+                           deletes[entity], result, edited_at)
     result.duration_ms = round((time.perf_counter() - started) * 1000, 2)
     log.info("detect.batch", **result.as_dict())
     return result

@@ -61,6 +61,8 @@ def requeue(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: 
 def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: float, attempts: int,
                   status: int | None, error: str | None, unconfirmed: str | None) -> None:
     folded = conn.execute(text("""UPDATE outbox SET attempts = GREATEST(attempts, :a), updated_at = now(),
+                                      local_changed_at = GREATEST(local_changed_at, (SELECT o.local_changed_at
+                                                                  FROM outbox o WHERE o.id = :id)),
                                       next_attempt_at = GREATEST(next_attempt_at, now() + make_interval(secs => :d)),
                                       unconfirmed = coalesce(unconfirmed, '{}'::jsonb)
                                                     || coalesce(CAST(:u AS jsonb), '{}'::jsonb)

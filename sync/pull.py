@@ -484,7 +484,8 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
         mirror = records.load_mirror(conn, entity, ids)
         shadows.update(records.load_shadows(conn, entity, ids))  # again, under the lock
         for mid, state, diff, unconfirmed, updated_at in conn.execute(
-            text("""SELECT mirror_id, state, diff, unconfirmed, updated_at FROM outbox
+            # the time of the local edit the row carries (not updated_at, which moves whenever stsync touches it)
+            text("""SELECT mirror_id, state, diff, unconfirmed, local_changed_at FROM outbox
                     WHERE entity = :e AND mirror_id = ANY(:ids) AND state IN ('pending', 'in_flight')""")
                 .bindparams(_IDS), {"e": entity, "ids": ids}):
             slot = outbox.setdefault(mid, {})

@@ -27,7 +27,7 @@ empty, then a final pull) the property is:
      that record) is a PATCH carrying U is *superseded by the local write*.
 3. Conflict outcomes follow the policy: ``remote_wins`` -> remote, ``local_wins`` -> local, ``newest_wins`` ->
    local iff the record's latest unsent local edit is newer than its latest change in ServiceTitan (checked
-   where no outbox row is pending: see the xfail test at the end for the pending case). No outbox row ends
+   where no outbox row is pending: the pending case has its own regression test at the end). No outbox row ends
    ``dead``, and a further detect + dispatch once quiet sends nothing (no echo, no no-op).
 
 Values are compared in ServiceTitan's stored form (names and cities trimmed).
@@ -253,7 +253,7 @@ class Run:
     def __init__(self, engine: Engine, cfg: Config, sb: Sandbox, d: Daemon, *, strict_newest: bool) -> None:
         self.engine, self.cfg, self.sb, self.d = engine, cfg, sb, d
         self.strict_newest = strict_newest
-        """check newest_wins outcomes also for records with a pending outbox row (see the xfail test below)"""
+        """check newest_wins outcomes also for records with a pending outbox row (see the regression test below)"""
         self.model = Model()
         self.seq = 0
         self.seen_requests = 0
@@ -466,9 +466,6 @@ def test_mirror_and_servicetitan_converge_without_lost_updates_slow(engine: Engi
     _events(_check(engine, database_url, policy, ops))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: newest_wins takes a pending outbox row's updated_at (the time detect, "
-                   "a claim or a retry last touched it) as the local change time, so an older local edit beats a "
-                   "newer remote edit made before it was detected (sync/pull.py _apply_records)")
 def test_newest_wins_judges_the_local_edit_time_not_the_detect_time(engine: Engine, database_url: str) -> None:
     """Local edit (t1), remote edit of the same field (t2 > t1), detect (t3), pull: the remote edit is the newer
     one and must win; the pull takes t3 as the local time and keeps the older local value instead, then pushes it
