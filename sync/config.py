@@ -132,6 +132,10 @@ class RetryConfig(_Section):
     max_attempts: int = Field(default=8, ge=1, le=100)
     base_delay_seconds: float = Field(default=1.0, gt=0)
     max_delay_seconds: float = Field(default=300.0, gt=0)
+    in_doubt_seconds: float = Field(default=60.0, ge=0)
+    """After a request whose outcome is unknown (timeout, dropped connection), its record waits this long
+    before another body is sent: ServiceTitan may still apply the abandoned request, and it must not land
+    after a newer one."""
 
 
 class HousekeepingConfig(_Section):

@@ -246,6 +246,8 @@ class Dispatcher:
                         status=429, error=None)
             elif outcome is Outcome.RETRY and c.attempt < retry_cfg.max_attempts:
                 delay = backoff_seconds(c.attempt, retry_cfg.base_delay_seconds, retry_cfg.max_delay_seconds, self.rng)
+                if resp.status == 0:  # ServiceTitan may still be processing it: hold the record (docs/push.md)
+                    delay = max(delay, retry_cfg.in_doubt_seconds)
                 # no answer, a 5xx or garbage: ServiceTitan may have applied it. Remember what was sent, so the
                 # pull takes those values for our own echo, not for a remote edit (docs/push.md)
                 in_doubt = resp.status == 0 or resp.status >= 500 or 200 <= resp.status < 300
