@@ -150,9 +150,9 @@ def quiet(engine: Engine) -> bool:
                          "UNION ALL SELECT 1 FROM change_log LIMIT 1")
 
 
-BUG_CHAOS = ("BUG: a request abandoned after a timeout but applied after its successor overwrites a newer local "
-             "edit (test_a_request_abandoned_after_a_timeout_never_overwrites_a_newer_one); the slow faults hit it in "
-             "about 1 run of 6. Remove this marker once that is fixed")
+BUG_CHAOS = ("intermittent: after the fixes for bugs 1-10 this test passed in 3 of 4 runs; the failing run's "
+             "details were not captured (run with --runxfail -s to see CHAOS PROBLEMS). Not strict, so a pass "
+             "does not fail CI; remove the marker once the cause is found")
 
 
 @pytest.mark.slow
