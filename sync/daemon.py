@@ -24,6 +24,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from sync import client as client_mod
 from sync import db
 from sync import workers as workers_mod
 from sync.client import ServiceTitanClient
@@ -180,7 +181,7 @@ class Daemon:
         from sync import workers
 
         live = await asyncio.to_thread(workers.heartbeat, self.engine, self.worker)
-        rate = self.cfg.servicetitan.requests_per_second / live
+        rate = self.cfg.servicetitan.requests_per_second * client_mod.RATE_HEADROOM / live
         if abs(rate - self.client.limiter.rate) > 1e-9:
             self.client.limiter.set_rate(rate)
             self.log.info("daemon.rate_share", replicas=live, requests_per_second=round(rate, 3))

@@ -14,9 +14,11 @@ import time
 class RateLimiter:
     """At most ``rate`` acquisitions per second for this process, with a burst of ``burst``."""
 
-    def __init__(self, rate: float, burst: int = 1) -> None:
+    def __init__(self, rate: float, burst: int = 1, *, max_pause: float | None = None) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
+        self.max_pause = max_pause
+        """Cap on how long one 429 stops every sender (the rejected request itself waits its full Retry-After)."""
         self.rate = rate
         self.interval = 1.0 / rate
         self.burst = max(1, burst)
@@ -43,8 +45,14 @@ class RateLimiter:
                 return
 
     def pause(self, seconds: float) -> None:
-        """Nobody sends for ``seconds`` (a 429 told us so); later slots move back accordingly."""
+        """Nobody sends for ``seconds`` (a 429 told us so; capped at ``max_pause``).
+
+        The slot schedule restarts at the end of the pause: callers already waiting re-reserve their slots
+        after it, so slots reserved before it are not lost as a gap after the pause.
+        """
+        if self.max_pause is not None:
+            seconds = min(seconds, self.max_pause)
         until = time.monotonic() + max(0.0, seconds)
         if until > self._paused_until:
             self._paused_until = until
-            self._next = max(self._next, until)
+            self._next = until
