@@ -119,9 +119,6 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
         return
     rows = records.load_mirror(conn, entity, ids)
     shadows = records.load_shadows(conn, entity, rows)
-    pending = {mid for (mid,) in conn.execute(
-        text("SELECT mirror_id FROM outbox WHERE entity = :e AND state = 'pending' AND mirror_id = ANY(:ids)")
-        .bindparams(_IDS), {"e": entity, "ids": list(rows)})}
     upserts: list[dict[str, Any]] = []
     clean: list[int] = []
     local_only: list[int] = []
@@ -134,15 +131,13 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
         if patch is None:
             clean.append(mid)
         elif not patch.valid:
-            if mid in pending:
-                clean.append(mid)  # the pending row's older state must not go out either
+            clean.append(mid)  # a pending row's older state must not go out either
             mark_dead_before_send(conn, entity, row, diff, patch)
             result.dead += 1
         else:
             at = (edited_at or {}).get((entity, mid))
             upserts.append({"m": mid, "s": row.st_id, "p": json.dumps(patch.body), "d": json.dumps(diff),
                             "t": at.isoformat() if at is not None else None})
-            result.coalesced += mid in pending
     result.records += len(rows)
     if clean:
         result.superseded += conn.execute(
@@ -153,7 +148,9 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
                      .bindparams(_IDS), {"ids": clean})
     if upserts:
         # one statement for the whole batch (coalescing into existing pending rows via the unique index)
-        conn.execute(
+        # (coalesced = rows the upsert updated rather than inserted: xmax is set on an updated row version;
+        # no separate lookup of pending rows, whose plan goes bad while the outbox grows fast)
+        upserted = conn.execute(
             text("""INSERT INTO outbox (entity, mirror_id, st_id, payload, diff, local_changed_at)
                     SELECT :e, t.m, t.s, CAST(t.p AS jsonb), CAST(t.d AS jsonb), t.t
                     FROM unnest(CAST(:ms AS bigint[]), CAST(:ss AS bigint[]), CAST(:ps AS text[]),
@@ -161,10 +158,12 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
                     ON CONFLICT (entity, mirror_id) WHERE state = 'pending'
                     DO UPDATE SET payload = EXCLUDED.payload, diff = EXCLUDED.diff, st_id = EXCLUDED.st_id,
                                   updated_at = now(),
-                                  local_changed_at = GREATEST(outbox.local_changed_at, EXCLUDED.local_changed_at)"""),
+                                  local_changed_at = GREATEST(outbox.local_changed_at, EXCLUDED.local_changed_at)
+                    RETURNING (xmax <> 0)"""),
             {"e": entity, "ms": [u["m"] for u in upserts], "ss": [u["s"] for u in upserts],
              "ps": [u["p"] for u in upserts], "ds": [u["d"] for u in upserts], "ts": [u["t"] for u in upserts]},
         )
+        result.coalesced += sum(1 for (updated,) in upserted if updated)
         conn.execute(text(f"UPDATE {table} SET sync_status = 'pending' "
                           "WHERE id = ANY(:ids) AND sync_status <> 'pending'")
                      .bindparams(_IDS), {"ids": [u["m"] for u in upserts]})
