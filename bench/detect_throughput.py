@@ -267,7 +267,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=500, help="sync.batch_size for detect")
     p.add_argument("--profile", action="store_true", help="one extra one-statement drain under py-spy")
     p.add_argument("--exp-skip-pending-lookup", action="store_true",
-                   help="experiment: detect without its pending-row lookup (see patch_pending_lookup)")
+                   help="experiment: detect without its pending-row lookup (see patch_pending_lookup); no "
+                        "effect from commit 31ac5fb on, which removed that lookup from sync/detect.py")
     p.add_argument("--one-statement-only", action="store_true",
                    help="skip the separate-transactions rounds and the small backlog (experiments)")
     p.add_argument("--worker", metavar="URL", help=argparse_hidden())
