@@ -150,7 +150,7 @@ def quiet(engine: Engine) -> bool:
                          "UNION ALL SELECT 1 FROM change_log LIMIT 1")
 
 
-BUG_CHAOS = ("intermittent: after the fixes for bugs 1-10 this test passed in 3 of 4 runs; the failing run's "
+BUG_CHAOS = ("intermittent: after the fixes for bugs 1-10 this test passed in 3 of 5 runs; the failing runs's "
              "details were not captured (run with --runxfail -s to see CHAOS PROBLEMS). Not strict, so a pass "
              "does not fail CI; remove the marker once the cause is found")
 
