@@ -225,8 +225,7 @@ class Daemon:
 
     async def cycle(self) -> dict[str, Any]:
         """One full cycle: pull, then detect, then dispatch everything due now."""
-        if not self.dry_run:
-            await self._guard("workers", self.workers_job())
+        await self.workers_job_guarded()
         return {
             "pull": await self.pull_job(),
             "detect": await self.detect_job(),

@@ -366,7 +366,7 @@ class Dispatcher:
 
     # ---------------------------------------------------------------------------------------- async
 
-    async def _send(self, c: Claim, dry_run: bool = False) -> Outcome:
+    async def _send(self, c: Claim) -> Outcome:
         self.live.add(c.outbox_id)
         try:
             return await self._send_live(c)
