@@ -99,6 +99,10 @@ class Daemon:
         self.metrics.attach_database(self.engine)
         self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, metrics=self.metrics)
         self._running: set[asyncio.Task[Any]] = set()
+        self._active: set[str] = set()
+        """Scheduler jobs running right now (by job id)."""
+        self._again: set[str] = set()
+        """Jobs woken while running: they run once more as soon as they finish (a wake-up is never lost)."""
         self._progress_shown = False
         self.errors: list[BaseException] = []
         """What jobs failed with (logged and survived by `run`; `once` reports it in its exit code)."""
@@ -202,15 +206,28 @@ class Daemon:
 
     # ------------------------------------------------------------------------------------- lifecycle
 
-    def _tracked(self, job: Any) -> Any:
-        """A scheduler job whose task shutdown can wait for (only scheduler runs, never the main task)."""
+    def _tracked(self, job: Any, job_id: str) -> Any:
+        """A scheduler job whose task shutdown can wait for (only scheduler runs, never the main task).
+
+        APScheduler skips a run that comes due while the job is still running (``max_instances`` 1), so a
+        wake-up then would wait a whole interval: instead the run repeats while it was woken meanwhile.
+        """
 
         async def run() -> Any:
             task = asyncio.current_task()
             if task is not None:
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
-            return await job()
+            self._active.add(job_id)
+            try:
+                while True:
+                    self._again.discard(job_id)
+                    result = await job()
+                    if job_id not in self._again or self.stopping.is_set():
+                        return result
+            finally:
+                self._active.discard(job_id)
+                self._again.discard(job_id)
 
         run.__name__ = getattr(job, "__name__", "job")
         return run
@@ -218,6 +235,9 @@ class Daemon:
     def wake(self, job_id: str) -> None:
         """Run a job now (coalesced with a run already due); safe from the event loop only."""
         if self.scheduler is None or self.stopping.is_set():
+            return
+        if job_id in self._active:
+            self._again.add(job_id)
             return
         job = self.scheduler.get_job(job_id)
         if job is not None:
@@ -239,17 +259,14 @@ class Daemon:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
         sched = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
-        sched.add_job(self._tracked(self.pull_job), "interval", seconds=cfg.pull_interval_seconds, id="pull",
-                      next_run_time=datetime.now(UTC))
-        sched.add_job(self._tracked(self.detect_job), "interval", seconds=cfg.push_interval_seconds, id="detect",
-                      next_run_time=datetime.now(UTC))
-        sched.add_job(self._tracked(self.dispatch_job), "interval", seconds=cfg.push_interval_seconds,
-                      id="dispatch",
-                      next_run_time=datetime.now(UTC))
-        sched.add_job(self._tracked(self.workers_job_guarded), "interval", seconds=workers_mod.HEARTBEAT_EVERY_S,
-                      id="workers")
-        sched.add_job(self._tracked(self.housekeeping_job), "interval", seconds=self.cfg.housekeeping.interval_seconds,
-                      id="housekeeping")
+        jobs = [(self.pull_job, "pull", cfg.pull_interval_seconds, True),
+                (self.detect_job, "detect", cfg.push_interval_seconds, True),
+                (self.dispatch_job, "dispatch", cfg.push_interval_seconds, True),
+                (self.workers_job_guarded, "workers", workers_mod.HEARTBEAT_EVERY_S, False),
+                (self.housekeeping_job, "housekeeping", self.cfg.housekeeping.interval_seconds, False)]
+        for fn, job_id, every, at_once in jobs:
+            sched.add_job(self._tracked(fn, job_id), "interval", seconds=every, id=job_id,
+                          **({"next_run_time": datetime.now(UTC)} if at_once else {}))
         self.scheduler = sched
         listener = NotifyListener(self.cfg.database_url(), db.notify_channel(self.cfg.db_schema),
                                   lambda: loop.call_soon_threadsafe(self.wake, "detect"))
@@ -335,6 +352,9 @@ def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:
         try:
             out = await d.cycle()
         finally:
+            if not dry_run:  # a daemon started right after must not count this process as a replica
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(workers_mod.leave, d.engine, d.worker)
             await d.close()
         out["duration_s"] = round(time.monotonic() - started, 3)
         out["errors"] = [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in d.errors]

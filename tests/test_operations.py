@@ -417,3 +417,45 @@ def test_sigterm_on_an_idle_daemon_does_not_wait_out_the_grace_period(e2e: Env) 
     started = time.monotonic()
     assert stop(proc) == 0
     assert time.monotonic() - started < 3.0
+
+
+def test_once_does_not_stay_counted_as_a_replica(e2e: Env) -> None:
+    # (regression: `stsync once` heartbeated into `workers` and never left, so a daemon started within 10 s
+    # counted two replicas and sent at half the tenant's rate)
+    e2e.sb.seed(customers=2, locations=0, seed=6)
+    link_mirror(e2e.engine, e2e.sb)
+    ok(e2e.stsync(e2e.config(), "once"))
+    assert rows(e2e.engine, "SELECT count(*) FROM workers") == [(0,)]
+
+
+def test_a_wake_up_while_the_job_runs_is_not_lost(e2e: Env) -> None:
+    # (regression: APScheduler skips a run that comes due while the job still runs, so a NOTIFY during a
+    # dispatch run waited a whole push interval: 5.1 s from commit to PATCH in the latency benchmark)
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    cfg = load_config(e2e.config())
+    calls: list[int] = []
+
+    async def main() -> None:
+        d = Daemon(cfg, engine=e2e.engine)
+        d.scheduler = AsyncIOScheduler()
+        started, release = asyncio.Event(), asyncio.Event()
+
+        async def job() -> dict[str, Any]:
+            calls.append(len(calls))
+            if len(calls) == 1:
+                started.set()
+                await release.wait()
+            return {}
+
+        run = asyncio.create_task(d._tracked(job, "dispatch")())
+        await started.wait()
+        d.wake("dispatch")  # arrives while the first run is still under way
+        release.set()
+        await run
+        d.wake("dispatch")  # after the run: an ordinary reschedule, no extra run here
+        await asyncio.sleep(0.05)
+        await d.close()
+
+    asyncio.run(main())
+    assert calls == [0, 1]
