@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -170,8 +170,20 @@ class Daemon:
     async def dispatch_job(self) -> dict[str, Any]:
         if self.dry_run:
             return await self._guard("dispatch", self._dry_run())
-        return await self._guard("dispatch", self.dispatcher.run(
-            self.stopping, grace_seconds=self.cfg.sync.shutdown_grace_seconds))
+        return await self._guard("dispatch", self._dispatch())
+
+    async def _dispatch(self) -> dict[str, Any]:
+        result = await self.dispatcher.run(self.stopping, grace_seconds=self.cfg.sync.shutdown_grace_seconds)
+        if self.scheduler is not None and not self.stopping.is_set():
+            # a retry due before the next scheduled run (a 429's Retry-After at the end of a backlog) is sent
+            # when it is due, not up to a whole push interval later
+            wait = await asyncio.to_thread(self.dispatcher.next_due_in)
+            job = self.scheduler.get_job("dispatch")
+            if wait is not None and job is not None and job.next_run_time is not None:
+                at = datetime.now(UTC) + timedelta(seconds=max(0.1, wait))
+                if at < job.next_run_time:
+                    job.modify(next_run_time=at)
+        return result
 
     async def _dry_run(self) -> dict[str, Any]:
         planned = await asyncio.to_thread(preview, self.engine, self.cfg)

@@ -161,6 +161,17 @@ class Dispatcher:
                               "WHERE state = 'in_flight' AND lease_owner = :w AND id = ANY(CAST(:ids AS bigint[]))"),
                          {"w": self.worker, "l": self.cfg.sync.lease_seconds, "ids": live})
 
+    def next_due_in(self) -> float | None:
+        """Seconds until the earliest claimable pending row is due (<= 0: due now); None when there is none
+        (a row queued behind another worker's request in flight waits for that worker, not for time)."""
+        with self.engine.connect() as conn:
+            due = conn.execute(text("""
+                SELECT EXTRACT(EPOCH FROM min(o.next_attempt_at) - now()) FROM outbox o
+                WHERE o.state = 'pending'
+                  AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.entity = o.entity AND f.mirror_id = o.mirror_id
+                                  AND f.state = 'in_flight')""")).scalar_one()
+        return None if due is None else float(due)
+
     def release_all(self) -> int:
         """On shutdown: give back rows this worker holds but has not finished (they are resent later)."""
         return requeue_where(self.engine, "lease_owner = :w", {"w": self.worker})

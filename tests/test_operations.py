@@ -459,3 +459,27 @@ def test_a_wake_up_while_the_job_runs_is_not_lost(e2e: Env) -> None:
 
     asyncio.run(main())
     assert calls == [0, 1]
+
+
+@pytest.mark.slow
+def test_a_retry_due_before_the_next_run_is_sent_when_due(e2e: Env) -> None:
+    # (regression: the dispatcher returned with the row waiting out a 1-s Retry-After and the next run came a
+    # whole push interval later: a 5-s gap at the end of every benchmark drain)
+    from sync.sandbox import Fault
+
+    e2e.sb.seed(customers=1, locations=0, seed=6)
+    link_mirror(e2e.engine, e2e.sb)
+    cfg = e2e.config()
+    cfg.write_text(cfg.read_text().replace("push_interval_seconds: 1", "push_interval_seconds: 15"))
+    proc = e2e.start(cfg)
+    try:
+        wait_for(lambda: daemon_started(e2e), 30, "the daemon to start")
+        time.sleep(1.0)
+        e2e.sb.faults.add(Fault.rate_limited(1.0, "seconds"), method="PATCH")
+        sql(e2e.engine, "UPDATE customers SET name = 'Waits out a 429'")
+        wait_for(lambda: [r for r in e2e.sb.requests if r.method == "PATCH" and r.status == 200], 20, "the retry")
+    finally:
+        stop(proc)
+    sent = [r for r in e2e.sb.requests if r.method == "PATCH"]
+    assert [r.status for r in sent] == [429, 200]
+    assert sent[1].time - sent[0].time < 3.0  # Retry-After 1 s, not the 15-s interval
