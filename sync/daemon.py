@@ -198,7 +198,7 @@ class Daemon:
 
         live = await asyncio.to_thread(workers.heartbeat, self.engine, self.worker)
         rate = self.cfg.servicetitan.requests_per_second * client_mod.RATE_HEADROOM / live
-        if abs(rate - self.client.limiter.rate) > 1e-9:
+        if abs(rate - self.client.limiter.ceiling) > 1e-9:
             self.client.limiter.set_rate(rate)
             self.log.info("daemon.rate_share", replicas=live, requests_per_second=round(rate, 3))
         return {"replicas": live, "rate": rate}

@@ -169,6 +169,67 @@ def test_set_rate_changes_the_spacing(clock: VirtualClock) -> None:
     assert stamps[-1] == pytest.approx(0.1)
 
 
+def adaptive(rate: float = 100) -> RateLimiter:
+    """As the ServiceTitan client builds it: three 429s within 2 s are a storm."""
+    return RateLimiter(rate=rate, storm=3, storm_window=2.0, step=0.01, floor=0.8, recover_per_s=0.001)
+
+
+def test_an_isolated_429_slows_one_step_and_stops_nobody(clock: VirtualClock) -> None:
+    limiter = adaptive(100)
+    limiter.rate_limited(1.0)
+    assert limiter.rate == pytest.approx(99.0)
+    stamps: list[float] = []
+    asyncio.run(clock.run([worker(limiter, 3, stamps, clock.monotonic)()]))
+    assert stamps[0] == 0.0  # no pause for anyone
+    assert stamps[2] - stamps[1] == pytest.approx(1 / 99, rel=1e-3)
+
+
+def test_the_rate_climbs_back_to_the_ceiling(clock: VirtualClock) -> None:
+    limiter = adaptive(100)
+    for _ in range(2):
+        limiter.rate_limited(1.0)
+    assert limiter.rate == pytest.approx(100 * 0.99 * 0.99)
+    clock.now = 5.0
+    stamps: list[float] = []
+    asyncio.run(clock.run([worker(limiter, 1, stamps, clock.monotonic)()]))
+    assert limiter.rate == pytest.approx(100 * (0.99 * 0.99 + 0.005))  # 0.1% of the ceiling per second
+    clock.now = 60.0
+    asyncio.run(clock.run([worker(limiter, 1, stamps, clock.monotonic)()]))
+    assert limiter.rate == pytest.approx(100.0)  # and no further
+
+
+def test_a_storm_of_429s_pauses_every_sender(clock: VirtualClock) -> None:
+    limiter = adaptive(100)
+    limiter.rate_limited(1.0)
+    clock.now = 0.5
+    limiter.rate_limited(1.0)
+    stamps: list[float] = []
+    asyncio.run(clock.run([worker(limiter, 1, stamps, clock.monotonic)()]))
+    assert stamps == [0.5]  # two within 2 s: still no pause
+    limiter.rate_limited(1.0)  # the third within 2 s
+    asyncio.run(clock.run([worker(limiter, 1, stamps, clock.monotonic)()]))
+    assert stamps[1] == pytest.approx(1.5)
+
+
+def test_429s_spread_out_never_pause_and_the_rate_stops_at_the_floor(clock: VirtualClock) -> None:
+    limiter = adaptive(100)
+    limiter.recover_per_s = 0.0
+    for k in range(60):
+        clock.now = k * 1.5  # never three within 2 s
+        limiter.rate_limited(1.0)
+    assert limiter.rate == pytest.approx(80.0)
+    stamps: list[float] = []
+    asyncio.run(clock.run([worker(limiter, 1, stamps, clock.monotonic)()]))
+    assert stamps == [clock.now]
+
+
+def test_set_rate_moves_the_ceiling_and_keeps_the_slowdown(clock: VirtualClock) -> None:
+    limiter = adaptive(100)
+    limiter.rate_limited(1.0)
+    limiter.set_rate(50)
+    assert (limiter.ceiling, limiter.rate) == (50, pytest.approx(49.5))
+
+
 # --------------------------------------------------------------------------------------------- real time
 
 
