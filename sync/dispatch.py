@@ -46,7 +46,7 @@ def requeue(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: 
             status: int | None, error: str | None, unconfirmed: str | None = None) -> None:
     """Send this row again later. If a newer pending row of the record is already queued behind it, that row
     carries the record's latest state (bodies are recomputed at claim time): this one is superseded and the
-    newer one inherits its backoff and attempt count (at most one pending row per record)."""
+    newer one inherits its backoff, attempt count and unconfirmed bodies (at most one pending row per record)."""
     for _ in range(3):  # detect may queue a row between our check and our update: then fold into it
         try:
             with conn.begin_nested():
@@ -64,8 +64,10 @@ def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, del
                                       local_changed_at = GREATEST(local_changed_at, (SELECT o.local_changed_at
                                                                   FROM outbox o WHERE o.id = :id)),
                                       next_attempt_at = GREATEST(next_attempt_at, now() + make_interval(secs => :d)),
-                                      unconfirmed = coalesce(unconfirmed, '{}'::jsonb)
-                                                    || coalesce(CAST(:u AS jsonb), '{}'::jsonb)
+                                      unconfirmed = coalesce(unconfirmed, '[]'::jsonb)
+                                                    || coalesce((SELECT o.unconfirmed FROM outbox o WHERE o.id = :id),
+                                                                '[]'::jsonb)
+                                                    || coalesce(CAST(:u AS jsonb), '[]'::jsonb)
                                   WHERE entity = :e AND mirror_id = :m AND state = 'pending' AND id <> :id
                                   RETURNING id"""),
                           {"e": entity, "m": mirror_id, "id": outbox_id, "a": attempts, "d": delay_s,
@@ -80,7 +82,7 @@ def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, del
                          last_error = coalesce(CAST(:err AS jsonb), last_error), updated_at = now(),
                          next_attempt_at = now() + make_interval(secs => :d),
                          unconfirmed = CASE WHEN CAST(:u AS jsonb) IS NULL THEN unconfirmed
-                                            ELSE coalesce(unconfirmed, '{}'::jsonb) || CAST(:u AS jsonb) END,
+                                            ELSE coalesce(unconfirmed, '[]'::jsonb) || CAST(:u AS jsonb) END,
                          lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
                  {"id": outbox_id, "a": attempts, "s": status, "err": error, "d": delay_s, "u": unconfirmed})
 
@@ -265,7 +267,7 @@ class Dispatcher:
                 sent = {col: c.sent.get(col) for col in c.diff} if in_doubt else None
                 requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=delay, attempts=c.attempt,
                         status=resp.status or None, error=json.dumps(error_body, default=str),
-                        unconfirmed=json.dumps(sent, default=str) if sent else None)
+                        unconfirmed=json.dumps([sent], default=str) if sent else None)
             else:
                 outcome = Outcome.DEAD
                 self._mark_dead(conn, c, resp, error_body)

@@ -21,7 +21,7 @@ still shows in the mirror-vs-shadow diff, which the push path sends.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cache
@@ -162,7 +162,8 @@ def is_echo(entity: Entity, base: Mapping[str, Any], remote: Mapping[str, Any], 
 def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, Any] | None,
           remote: Mapping[str, Any], policy: Policy, *, remote_modified_on: datetime | None,
           local_changed_at: datetime | None, sync_active: bool,
-          in_flight: Mapping[str, Any] | None = None) -> MergeResult:
+          in_flight: Mapping[str, Any] | None = None,
+          unconfirmed: Sequence[Mapping[str, Any]] = ()) -> MergeResult:
     """Merge one remote record into the mirror row ``local`` against the shadow ``base``.
 
     ``local`` None: the record is new to the mirror; it is inserted as is (mirror and shadow := remote).
@@ -170,6 +171,8 @@ def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, An
     ``in_flight``: {column: value} an in-flight PATCH is sending. Those units count as changed locally even where
     the mirror equals the base, and a remote value equal to the one being sent (our own PATCH seen in the feed
     before its answer was processed) is an agreement, not a conflict.
+    ``unconfirmed``: what earlier attempts sent whose answers were lost ({column: value} each): ServiceTitan may
+    have applied any of them, so a remote value equal to one of them is ours too.
     """
     if local is None:
         rec = dict(remote)
@@ -183,8 +186,9 @@ def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, An
                            push_needed=any(not _eq(entity, u, local, base) for u in all_units
                                            if u.mode != "remote"))
 
-    sending = dict(in_flight or {})
-    forced = {u for u in (unit_for_column(entity, c) for c in sending) if u is not None}
+    # every body of ours ServiceTitan may have applied (or is applying): a remote value equal to one is ours
+    versions = [dict(v) for v in (*unconfirmed, in_flight or {}) if v]
+    forced = {u for u in (unit_for_column(entity, c) for v in versions for c in v) if u is not None}
     new_shadow: dict[str, Any] = dict(base) if base is not None else {}
     final: dict[str, Any] = dict(local)
     updates: dict[str, Any] = {}
@@ -218,7 +222,8 @@ def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, An
         local_changed = base is None or unit.name in forced or not _eq(entity, unit, local, b)
         if not local_changed:
             take_remote(unit, shadow=True, mirror=True)
-        elif _eq(entity, unit, local, remote) or (unit.name in forced and _eq(entity, unit, _sent(b, sending), remote)):
+        elif _eq(entity, unit, local, remote) or (unit.name in forced and any(
+                _eq(entity, unit, _sent(b, v), remote) for v in versions)):
             take_remote(unit, shadow=True, mirror=False)  # both sides made the same change
         else:
             outcome = resolve(policy, remote_modified_on, local_changed_at)

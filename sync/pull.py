@@ -430,6 +430,13 @@ def _local_change_times(conn: Connection, entity: Entity, ids: list[int]) -> dic
     return {mid: at for mid, at in rows}
 
 
+def unconfirmed_versions(stored: Any) -> list[dict[str, Any]]:
+    """outbox.unconfirmed as a list of bodies ({column: value} each): a JSON array of them, one per attempt
+    whose answer was lost (migration 0004 rows may hold a single object)."""
+    items = stored if isinstance(stored, list) else [stored]
+    return [dict(v) for v in items if isinstance(v, dict) and v]
+
+
 def _in_flight_values(diff: Any, local: Mapping[str, Any]) -> dict[str, Any]:
     """outbox.diff ({column: [shadow value, mirror value]}) as {column: value being sent}."""
     if not isinstance(diff, dict):
@@ -490,8 +497,8 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
                 .bindparams(_IDS), {"e": entity, "ids": ids}):
             slot = outbox.setdefault(mid, {})
             slot[state] = diff
-            if unconfirmed:  # sent by an attempt whose answer was lost: possibly applied, our own values
-                slot["unconfirmed"] = unconfirmed
+            if unconfirmed:  # sent by attempts whose answers were lost: possibly applied, our own values
+                slot.setdefault("unconfirmed", []).extend(unconfirmed_versions(unconfirmed))
             if updated_at is not None:
                 slot["at"] = max(slot.get("at", updated_at), updated_at)
         if policy == "newest_wins":
@@ -511,8 +518,8 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
         remote_mod = parse_timestamp(remote["modified_on"]) if remote.get("modified_on") else None
         result = merge(entity, shadows.get(mid), row.record, remote, policy, remote_modified_on=remote_mod,
                        local_changed_at=max(local_times) if local_times else now, sync_active=cfg.sync.sync_active,
-                       in_flight={**(ob.get("unconfirmed") or {}),
-                                  **_in_flight_values(ob.get("in_flight"), row.record)})
+                       in_flight=_in_flight_values(ob.get("in_flight"), row.record),
+                       unconfirmed=ob.get("unconfirmed", ()))
         if result.stale:
             stats.stale += 1
         if not result.changed:

@@ -475,6 +475,81 @@ def test_an_applied_request_whose_answer_was_lost_is_not_mistaken_for_a_remote_e
     assert sb.get_customer(st)["name"] == "Newer local edit"
 
 
+BUG_UNCONFIRMED_SHADOWED = ("BUG (chaos run, 2026-11-23): a row carrying the values of an attempt whose answer was lost "
+                            "(outbox.unconfirmed) is claimed again with a newer value; a pull during that flight "
+                            "took only the in-flight value as ours, so ServiceTitan's copy of the older attempt "
+                            "looked like a remote edit: a conflict, remote wins, the older value went back into "
+                            "the mirror and was pushed after the newer one (a regression)")
+
+
+def test_a_lost_answer_stays_ours_while_the_row_is_in_flight_again_with_a_newer_value(
+        engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
+    import asyncio
+
+    from sync.client import ServiceTitanClient
+    from sync.detect import detect_all
+    from sync.dispatch import Dispatcher
+    from sync.pull import pull
+    from tests.chaos_kit import cycle
+    from tests.conftest import make_config
+    from tests.pushkit import rows, sql, transport
+
+    sb, _ = small
+    cfg = make_config(database_url, retry={"base_delay_seconds": 5, "max_delay_seconds": 5})
+    st = min(c["id"] for c in sb.customers())
+    sql(engine, "UPDATE customers SET name = 'Older' WHERE st_id = :s", s=st)
+    sb.faults.add(Fault.dropped(after_apply=True), method="PATCH")
+    cycle(engine, cfg, sb, pull=False)  # ServiceTitan applied 'Older'; the answer was lost
+    assert sb.get_customer(st)["name"] == "Older"
+    sql(engine, "UPDATE customers SET name = 'Newer' WHERE st_id = :s", s=st)
+    detect_all(engine, cfg)  # coalesced into the row that carries the unconfirmed 'Older'
+    sql(engine, "UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'")
+    client = ServiceTitanClient(cfg.servicetitan, transport=transport(sb))
+    worker = Dispatcher(engine, client, cfg, "w1")
+    (claim,) = worker.claim(10)  # in flight again, now sending 'Newer'
+
+    async def pull_then_send() -> None:
+        await pull(engine, client, cfg)  # sees 'Older' in the feed while 'Newer' is in flight
+        await worker._send(claim)
+        await client.aclose()
+
+    asyncio.run(pull_then_send())
+    for _ in range(3):
+        cycle(engine, cfg, sb)
+    assert rows(engine, "SELECT count(*) FROM conflicts") == [(0,)]
+    assert rows(engine, "SELECT name FROM customers WHERE st_id = :s", s=st) == [("Newer",)]
+    assert [r.body["name"] for r in sb.requests if r.method == "PATCH" and r.applied] == ["Older", "Newer"]
+
+
+def test_bodies_whose_answers_were_lost_follow_the_record_into_the_row_queued_behind(
+        engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
+    import asyncio
+
+    from sync.client import ServiceTitanClient
+    from sync.detect import detect_all
+    from sync.dispatch import Dispatcher
+    from sync.pull import unconfirmed_versions
+    from tests.conftest import make_config
+    from tests.pushkit import rows, sql, transport
+
+    sb, _ = small
+    cfg = make_config(database_url, retry={"base_delay_seconds": 5, "max_delay_seconds": 5})
+    st = min(c["id"] for c in sb.customers())
+    worker = Dispatcher(engine, ServiceTitanClient(cfg.servicetitan, transport=transport(sb)), cfg, "w1")
+    sb.faults.add(Fault.dropped(after_apply=True), method="PATCH", times=2)
+    for name in ("First", "Second"):
+        sql(engine, "UPDATE customers SET name = :n WHERE st_id = :s", n=name, s=st)
+        detect_all(engine, cfg)
+        sql(engine, "UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'")
+        (claim,) = worker.claim(10)
+        if name == "Second":  # a newer edit queues a row behind the flight
+            sql(engine, "UPDATE customers SET name = 'Third' WHERE st_id = :s", s=st)
+            detect_all(engine, cfg)
+        asyncio.run(worker._send(claim))  # applied, answer lost
+    ((stored,),) = rows(engine, "SELECT unconfirmed FROM outbox WHERE state = 'pending'")
+    assert [v["name"] for v in unconfirmed_versions(stored)] == ["First", "Second"]
+
+
 BUG_LATE_REQUEST = ("BUG: after a timeout the dispatcher resends the record (with its newer local state) while "
                     "ServiceTitan may still be processing the abandoned request; when that one is applied last, the "
                     "older value overwrites the newer one, and the next pull copies it into the mirror: the newer "

@@ -42,9 +42,10 @@ def location(**over: Any) -> dict[str, Any]:
 def run(base: dict[str, Any] | None, local: dict[str, Any] | None, remote: dict[str, Any],
         policy: Policy = "remote_wins", entity: Entity = "customer", *, local_at: datetime | None = None,
         remote_at: datetime | None = None, sync_active: bool = True,
-        in_flight: dict[str, Any] | None = None) -> MergeResult:
+        in_flight: dict[str, Any] | None = None, unconfirmed: tuple[dict[str, Any], ...] = ()) -> MergeResult:
     return merge(entity, base, local, remote, policy, remote_modified_on=remote_at or T0,
-                 local_changed_at=local_at or T0, sync_active=sync_active, in_flight=in_flight)
+                 local_changed_at=local_at or T0, sync_active=sync_active, in_flight=in_flight,
+                 unconfirmed=unconfirmed)
 
 
 def later(rec: dict[str, Any], minutes: int = 5) -> str:
@@ -187,6 +188,18 @@ def test_in_flight_fields_count_as_changed_locally() -> None:
     assert "name" not in flying.mirror_updates and flying.push_needed
     addr = run(base, customer(), customer(city="X", modified_on=later(base)), "local_wins", in_flight={"zip": "1"})
     assert [c.field for c in addr.conflicts] == ["address"]
+
+
+def test_any_body_of_ours_whose_answer_was_lost_is_an_agreement_while_a_newer_one_flies() -> None:
+    base = customer(name="Ada")
+    # two attempts' answers were lost ("First", "Second"); "Third" is in flight; the feed shows "First"
+    for seen in ("First", "Second", "Third"):
+        r = run(base, customer(name="Third"), customer(name=seen, modified_on=later(base)), "remote_wins",
+                in_flight={"name": "Third"}, unconfirmed=({"name": "First"}, {"name": "Second"}))
+        assert not r.conflicts and "name" not in r.mirror_updates, seen
+    other = run(base, customer(name="Third"), customer(name="Office", modified_on=later(base)), "remote_wins",
+                in_flight={"name": "Third"}, unconfirmed=({"name": "First"},))
+    assert [(c.field, c.outcome) for c in other.conflicts] == [("name", "remote")]  # a real remote edit still is
 
 
 def test_our_in_flight_patch_seen_in_the_feed_is_an_agreement() -> None:
