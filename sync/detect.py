@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 
-from sync import records
+from sync import db, records
 from sync.config import Config
 from sync.diff import local_diff
 from sync.fields import ENTITIES, TABLES, Entity
@@ -136,7 +136,7 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
             result.dead += 1
         else:
             at = (edited_at or {}).get((entity, mid))
-            upserts.append({"m": mid, "s": row.st_id, "p": json.dumps(patch.body), "d": json.dumps(diff),
+            upserts.append({"m": mid, "s": row.st_id, "p": patch.body, "d": diff,
                             "t": at.isoformat() if at is not None else None})
     result.records += len(rows)
     if clean:
@@ -152,16 +152,16 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
         # no separate lookup of pending rows, whose plan goes bad while the outbox grows fast)
         upserted = conn.execute(
             text("""INSERT INTO outbox (entity, mirror_id, st_id, payload, diff, local_changed_at)
-                    SELECT :e, t.m, t.s, CAST(t.p AS jsonb), CAST(t.d AS jsonb), t.t
-                    FROM unnest(CAST(:ms AS bigint[]), CAST(:ss AS bigint[]), CAST(:ps AS text[]),
-                                CAST(:ds AS text[]), CAST(:ts AS timestamptz[])) AS t(m, s, p, d, t)
+                    SELECT :e, t.m, t.s, t.p, t.d, t.t
+                    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS t(m bigint, s bigint, p jsonb, d jsonb,
+                                                                       t timestamptz)
                     ON CONFLICT (entity, mirror_id) WHERE state = 'pending'
                     DO UPDATE SET payload = EXCLUDED.payload, diff = EXCLUDED.diff, st_id = EXCLUDED.st_id,
                                   updated_at = now(),
                                   local_changed_at = GREATEST(outbox.local_changed_at, EXCLUDED.local_changed_at)
                     RETURNING (xmax <> 0)"""),
-            {"e": entity, "ms": [u["m"] for u in upserts], "ss": [u["s"] for u in upserts],
-             "ps": [u["p"] for u in upserts], "ds": [u["d"] for u in upserts], "ts": [u["t"] for u in upserts]},
+            # one JSON document for the batch: psycopg escapes text[] elements in Python, ~16% of detect's time
+            {"e": entity, "rows": json.dumps(upserts, default=str)},
         )
         result.coalesced += sum(1 for (updated,) in upserted if updated)
         conn.execute(text(f"UPDATE {table} SET sync_status = 'pending' "
@@ -185,6 +185,9 @@ def detect_batch(engine: Engine, cfg: Config, *, limit: int | None = None) -> De
     started = time.perf_counter()
     result = DetectResult()
     with engine.begin() as conn:
+        # detect's own mirror writes are bookkeeping (sync_status, sync_error): the change-log trigger would
+        # build to_jsonb(NEW) and to_jsonb(OLD) per row only to ignore them
+        db.bypass_triggers(conn)
         drained = conn.execute(
             text("""DELETE FROM change_log WHERE id IN (
                         SELECT id FROM change_log ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)
