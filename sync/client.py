@@ -31,11 +31,12 @@ TOKEN_REFRESH_MARGIN_S = 60.0
 RATE_HEADROOM = 0.995
 """The ceiling is 99.5% of requests_per_second; below it the limiter adapts to the 429s it gets (ServiceTitan
 counts arrivals in a sliding one-second window and latency jitter bunches them: bench/, docs/benchmarks.md)."""
-STORM_429S, STORM_WINDOW_S = 3, 2.0
-"""This many 429s within this many seconds stop every sender for the Retry-After (an isolated 429 only slows
-the rate a step: bench/, a whole-second stop per 429 halved throughput) ..."""
-SHARED_PAUSE_MAX_S = 2.0
-"""... for at most this long (the rejected requests themselves wait their full Retry-After)."""
+STORM_429S, STORM_WINDOW_S = 3, 1.0
+"""This many 429s within this many seconds stop every sender (an isolated 429 only slows the rate a step:
+bench/, a whole-second stop per 429 halved throughput) ..."""
+SHARED_PAUSE_MAX_S = 0.25
+"""... for the Retry-After but at most this long; the rejected requests themselves wait their full Retry-After,
+and each 429 has lowered the rate a step (bench/: three 1-s stops cost 1% of a 20k drain)."""
 TOKEN_RETRY_S = 5.0
 """After a failed token fetch, every sender waits this long (the outage is not any one record's fault)."""
 _RETRY_IN_BODY = re.compile(r"try again in (\d+(?:\.\d+)?) second", re.IGNORECASE)

@@ -5,8 +5,8 @@ free slot) so a backlog runs at the ceiling without bursting past it. A 429 (``r
 rate one step, and the rate creeps back towards the ceiling (additive increase, multiplicative decrease):
 the margin below ServiceTitan's limit follows the arrival jitter actually seen instead of a fixed guess.
 Only a burst of 429s (``storm`` of them within ``storm_window`` seconds) stops every sender (``pause``) for
-the Retry-After: an isolated 429 is one request arriving a few ms early, and pausing everyone for it costs
-far more than the rejected request.
+the Retry-After: an isolated 429 is one request arriving a few ms early, so the others skip one slot (the
+window is full right now) instead of stopping for a second, which costs far more than the rejected request.
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ class RateLimiter:
         self._recent_429.append(now)
         if len(self._recent_429) == self.storm and now - self._recent_429[0] <= self.storm_window:
             self.pause(retry_after)
+        else:  # the window is full right now: the next slot would most likely be rejected too, skip it
+            self.pause(min(retry_after, self.interval))
 
     async def acquire(self) -> None:
         """Wait for this caller's slot; a pause that begins while waiting moves the slot back."""
