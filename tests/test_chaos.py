@@ -150,13 +150,7 @@ def quiet(engine: Engine) -> bool:
                          "UNION ALL SELECT 1 FROM change_log LIMIT 1")
 
 
-BUG_CHAOS = ("intermittent: after the fixes for bugs 1-10 this test passed in 3 of 5 runs; the failing runs's "
-             "details were not captured (run with --runxfail -s to see CHAOS PROBLEMS). Not strict, so a pass "
-             "does not fail CI; remove the marker once the cause is found")
-
-
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=BUG_CHAOS)  # random faults: may dodge bugs 2 and 3 on a lucky run
 def test_chaos_nothing_lost_nothing_reordered(tmp_path: Path) -> None:
     figures, problems = run_chaos(tmp_path)
     (tmp_path / "figures.json").write_text(json.dumps({**figures, "problems": problems}, indent=2, default=str))
@@ -166,7 +160,7 @@ def test_chaos_nothing_lost_nothing_reordered(tmp_path: Path) -> None:
     assert figures["local_edits"] >= 2000
     faults = figures["faults"]
     assert all(faults.get(k) for k in ("rate_limit", "server_error", "drop", "slow", "after_apply", "html_502"))
-    assert problems == {}
+    assert problems == {}, "CHAOS PROBLEMS " + json.dumps(problems, default=str)[:4000]
 
 
 def run_chaos(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
