@@ -97,6 +97,7 @@ class Daemon:
         self.client = ServiceTitanClient(cfg.servicetitan, transport=transport)
         self.metrics = Metrics()
         self.metrics.attach_database(self.engine)
+        self.metrics.watch_limiter(self.client.limiter)
         self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, metrics=self.metrics)
         self._running: set[asyncio.Task[Any]] = set()
         self._active: set[str] = set()

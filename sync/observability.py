@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine, text
 from starlette.applications import Starlette
@@ -24,6 +24,7 @@ from sync.status import OUTBOX_STATES
 
 if TYPE_CHECKING:
     from sync.daemon import Daemon
+    from sync.ratelimit import RateLimiter
 
 
 class Metrics:
@@ -44,6 +45,14 @@ class Metrics:
                               registry=self.registry)
         self.conflicts = Counter("stsync_conflicts_total", "Field conflicts resolved by the pull",
                                  registry=self.registry)
+
+    def watch_limiter(self, limiter: RateLimiter) -> None:
+        """The request rate this process allows itself now, and its ceiling (its share of the tenant's limit):
+        below the ceiling the limiter is backing off after 429s (sync.ratelimit)."""
+        Gauge("stsync_send_rate_per_second", "Requests per second this process sends at now",
+              registry=self.registry).set_function(lambda: limiter.rate)
+        Gauge("stsync_send_rate_ceiling_per_second", "This process's share of requests_per_second",
+              registry=self.registry).set_function(lambda: limiter.ceiling)
 
     def attach_database(self, engine: Engine) -> None:
         self.registry.register(_DatabaseCollector(engine))
