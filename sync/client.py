@@ -176,7 +176,7 @@ class ServiceTitanClient:
             except AuthError:
                 raise
             except ServiceTitanError as exc:  # token endpoint unreachable or garbled: transient, and global
-                self.limiter.pause(TOKEN_RETRY_S)
+                self.limiter.pause(TOKEN_RETRY_S, capped=False)  # not a 429: the cap is about 429s
                 return ApiResponse(0, None, 0.0, error=str(exc), retry_after_s=TOKEN_RETRY_S, not_sent=True)
             await self.limiter.acquire()
             started = time.perf_counter()

@@ -175,7 +175,7 @@ class Daemon:
 
     async def _dispatch(self) -> dict[str, Any]:
         result = await self.dispatcher.run(self.stopping, grace_seconds=self.cfg.sync.shutdown_grace_seconds)
-        if self.scheduler is not None and not self.stopping.is_set():
+        if self.scheduler is not None and not self.stopping.is_set() and "dispatch" not in self._again:
             # a retry due before the next scheduled run (a 429's Retry-After at the end of a backlog) is sent
             # when it is due, not up to a whole push interval later
             wait = await asyncio.to_thread(self.dispatcher.next_due_in)

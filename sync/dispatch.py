@@ -42,6 +42,15 @@ from sync.retry import Outcome, backoff_seconds, classify
 log = get_logger("stsync.dispatch")
 
 
+_FOLDED_UNCONFIRMED = "(SELECT o.unconfirmed FROM outbox o WHERE o.id = :id)"
+
+
+def _as_list(expr: str) -> str:
+    """SQL: an outbox.unconfirmed value as a JSON array (rows from before it was a list hold one object)."""
+    return (f"CASE jsonb_typeof({expr}) WHEN 'object' THEN jsonb_build_array({expr}) "
+            f"ELSE coalesce({expr}, '[]'::jsonb) END")
+
+
 def requeue(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: float, attempts: int,
             status: int | None, error: str | None, unconfirmed: str | None = None) -> None:
     """Send this row again later. If a newer pending row of the record is already queued behind it, that row
@@ -60,13 +69,12 @@ def requeue(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: 
 
 def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, delay_s: float, attempts: int,
                   status: int | None, error: str | None, unconfirmed: str | None) -> None:
-    folded = conn.execute(text("""UPDATE outbox SET attempts = GREATEST(attempts, :a), updated_at = now(),
+    folded = conn.execute(text(f"""UPDATE outbox SET attempts = GREATEST(attempts, :a), updated_at = now(),
                                       local_changed_at = GREATEST(local_changed_at, (SELECT o.local_changed_at
                                                                   FROM outbox o WHERE o.id = :id)),
                                       next_attempt_at = GREATEST(next_attempt_at, now() + make_interval(secs => :d)),
-                                      unconfirmed = coalesce(unconfirmed, '[]'::jsonb)
-                                                    || coalesce((SELECT o.unconfirmed FROM outbox o WHERE o.id = :id),
-                                                                '[]'::jsonb)
+                                      unconfirmed = {_as_list('unconfirmed')}
+                                                    || {_as_list(_FOLDED_UNCONFIRMED)}
                                                     || coalesce(CAST(:u AS jsonb), '[]'::jsonb)
                                   WHERE entity = :e AND mirror_id = :m AND state = 'pending' AND id <> :id
                                   RETURNING id"""),
@@ -78,11 +86,11 @@ def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, del
                              updated_at = now(), lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
                      {"id": outbox_id, "a": attempts, "s": status, "err": error})
         return
-    conn.execute(text("""UPDATE outbox SET state = 'pending', attempts = :a, last_status = :s,
+    conn.execute(text(f"""UPDATE outbox SET state = 'pending', attempts = :a, last_status = :s,
                          last_error = coalesce(CAST(:err AS jsonb), last_error), updated_at = now(),
                          next_attempt_at = now() + make_interval(secs => :d),
                          unconfirmed = CASE WHEN CAST(:u AS jsonb) IS NULL THEN unconfirmed
-                                            ELSE coalesce(unconfirmed, '[]'::jsonb) || CAST(:u AS jsonb) END,
+                                            ELSE {_as_list('unconfirmed')} || CAST(:u AS jsonb) END,
                          lease_owner = NULL, lease_expires_at = NULL WHERE id = :id"""),
                  {"id": outbox_id, "a": attempts, "s": status, "err": error, "d": delay_s, "u": unconfirmed})
 
@@ -90,11 +98,16 @@ def _requeue_once(conn: Any, outbox_id: int, entity: str, mirror_id: int, *, del
 def requeue_where(engine: Engine, condition: str, params: dict[str, Any]) -> int:
     """Put in-flight rows matching ``condition`` (their lease expired, or this worker stops) back to pending."""
     with engine.begin() as conn:
-        held = conn.execute(text(f"""SELECT id, entity, mirror_id, attempts FROM outbox
+        held = conn.execute(text(f"""SELECT id, entity, mirror_id, attempts, diff FROM outbox
                                       WHERE state = 'in_flight' AND {condition} ORDER BY id FOR UPDATE SKIP LOCKED"""),
                             params).all()
-        for oid, entity, mirror_id, attempts in held:
-            requeue(conn, oid, entity, mirror_id, delay_s=0.0, attempts=attempts, status=None, error=None)
+        for oid, entity, mirror_id, attempts, diff in held:
+            # the request may have gone out (a killed worker, a cancelled send): what it carried is possibly
+            # applied by ServiceTitan, so the pull must take it for ours (the diff holds it since the claim)
+            sent = {c: v[1] for c, v in diff.items() if isinstance(v, list) and len(v) == 2} \
+                if isinstance(diff, dict) else {}
+            requeue(conn, oid, entity, mirror_id, delay_s=0.0, attempts=attempts, status=None, error=None,
+                    unconfirmed=json.dumps([sent], default=str) if sent else None)
     return len(held)
 
 
@@ -167,11 +180,13 @@ class Dispatcher:
         """Seconds until the earliest claimable pending row is due (<= 0: due now); None when there is none
         (a row queued behind another worker's request in flight waits for that worker, not for time)."""
         with self.engine.connect() as conn:
+            # ORDER BY ... LIMIT 1 walks outbox_due_idx (min() with the anti-join would read every pending row)
             due = conn.execute(text("""
-                SELECT EXTRACT(EPOCH FROM min(o.next_attempt_at) - now()) FROM outbox o
+                SELECT EXTRACT(EPOCH FROM o.next_attempt_at - now()) FROM outbox o
                 WHERE o.state = 'pending'
                   AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.entity = o.entity AND f.mirror_id = o.mirror_id
-                                  AND f.state = 'in_flight')""")).scalar_one()
+                                  AND f.state = 'in_flight')
+                ORDER BY o.next_attempt_at LIMIT 1""")).scalar_one_or_none()
         return None if due is None else float(due)
 
     def release_all(self) -> int:

@@ -50,7 +50,7 @@ class Metrics:
         """The request rate this process allows itself now, and its ceiling (its share of the tenant's limit):
         below the ceiling the limiter is backing off after 429s (sync.ratelimit)."""
         Gauge("stsync_send_rate_per_second", "Requests per second this process sends at now",
-              registry=self.registry).set_function(lambda: limiter.rate)
+              registry=self.registry).set_function(limiter.current_rate)
         Gauge("stsync_send_rate_ceiling_per_second", "This process's share of requests_per_second",
               registry=self.registry).set_function(lambda: limiter.ceiling)
 

@@ -63,6 +63,11 @@ class RateLimiter:
             self._apply_factor()
         self._factor_at = now
 
+    def current_rate(self) -> float:
+        """The rate allowed right now, recovery since the last request included (changes nothing)."""
+        elapsed = max(0.0, time.monotonic() - self._factor_at)
+        return self.ceiling * min(1.0, self.factor + self.recover_per_s * elapsed)
+
     def rate_limited(self, retry_after: float) -> None:
         """ServiceTitan answered 429: one step slower; a storm of them also pauses every sender."""
         now = time.monotonic()
@@ -90,13 +95,13 @@ class RateLimiter:
             if self._paused_until == paused_until:
                 return
 
-    def pause(self, seconds: float) -> None:
-        """Nobody sends for ``seconds`` (a 429 told us so; capped at ``max_pause``).
+    def pause(self, seconds: float, *, capped: bool = True) -> None:
+        """Nobody sends for ``seconds`` (a 429 told us so; capped at ``max_pause`` unless ``capped`` is False).
 
         The slot schedule restarts at the end of the pause: callers already waiting re-reserve their slots
         after it, so slots reserved before it are not lost as a gap after the pause.
         """
-        if self.max_pause is not None:
+        if capped and self.max_pause is not None:
             seconds = min(seconds, self.max_pause)
         until = time.monotonic() + max(0.0, seconds)
         if until > self._paused_until:

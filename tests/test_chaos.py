@@ -544,6 +544,50 @@ def test_bodies_whose_answers_were_lost_follow_the_record_into_the_row_queued_be
     assert [v["name"] for v in unconfirmed_versions(stored)] == ["First", "Second"]
 
 
+def test_unconfirmed_bodies_from_before_the_list_format_are_kept_on_a_fold(
+        engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
+    # rows written before outbox.unconfirmed became a list hold one object each; a fold must keep both bodies
+    # (a plain jsonb || of two objects would merge them key by key, and one body would be lost)
+    from sync.dispatch import requeue
+    from sync.pull import unconfirmed_versions
+    from tests.pushkit import rows, sql
+
+    _, mids = small
+    mid = min(mids.values())
+    for state, name in (("in_flight", "Older"), ("pending", "Newer")):
+        sql(engine, "INSERT INTO outbox (entity, mirror_id, st_id, state, payload, diff, unconfirmed) "
+                    "VALUES ('customer', :m, 1, :st, '{}', '{}', CAST(:u AS jsonb))",
+            m=mid, st=state, u=json.dumps({"name": name}))
+    (flying,) = rows(engine, "SELECT id FROM outbox WHERE state = 'in_flight'")
+    with engine.begin() as conn:
+        requeue(conn, flying[0], "customer", mid, delay_s=0.0, attempts=1, status=None, error=None)
+    ((stored,),) = rows(engine, "SELECT unconfirmed FROM outbox WHERE state = 'pending'")
+    assert sorted(v["name"] for v in unconfirmed_versions(stored)) == ["Newer", "Older"]
+
+
+def test_a_reclaimed_row_keeps_what_it_was_sending_as_possibly_applied(
+        engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
+    # a worker killed mid-request: ServiceTitan may still apply what it sent, so the pull must take it for ours
+    from sync.client import ServiceTitanClient
+    from sync.detect import detect_all
+    from sync.dispatch import Dispatcher
+    from sync.pull import unconfirmed_versions
+    from tests.conftest import make_config
+    from tests.pushkit import rows, sql, transport
+
+    sb, _ = small
+    cfg = make_config(database_url)
+    st = min(c["id"] for c in sb.customers())
+    sql(engine, "UPDATE customers SET name = 'Sent by a worker that died' WHERE st_id = :s", s=st)
+    detect_all(engine, cfg)
+    worker = Dispatcher(engine, ServiceTitanClient(cfg.servicetitan, transport=transport(sb)), cfg, "w1")
+    worker.claim(10)
+    sql(engine, "UPDATE outbox SET lease_expires_at = now() - interval '1 second' WHERE state = 'in_flight'")
+    assert worker.reclaim_expired() == 1
+    ((stored,),) = rows(engine, "SELECT unconfirmed FROM outbox WHERE state = 'pending'")
+    assert unconfirmed_versions(stored) == [{"name": "Sent by a worker that died"}]
+
+
 BUG_LATE_REQUEST = ("BUG: after a timeout the dispatcher resends the record (with its newer local state) while "
                     "ServiceTitan may still be processing the abandoned request; when that one is applied last, the "
                     "older value overwrites the newer one, and the next pull copies it into the mirror: the newer "

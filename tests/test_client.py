@@ -76,9 +76,9 @@ class RecordingLimiter(RateLimiter):
         super().__init__(rate)
         self.pauses: list[float] = []
 
-    def pause(self, seconds: float) -> None:
+    def pause(self, seconds: float, *, capped: bool = True) -> None:
         self.pauses.append(seconds)
-        super().pause(seconds)
+        super().pause(seconds, capped=capped)
 
 
 # ------------------------------------------------------------------------------------------ parse_retry_after
@@ -372,6 +372,22 @@ def test_unreachable_token_endpoint_comes_back_from_request_as_status_0() -> Non
     assert resp.status == 0
     assert resp.error is not None and "connect/token" in resp.error
     assert classify(resp.status, resp.body) is Outcome.RETRY
+
+
+def test_an_unreachable_token_endpoint_stops_every_sender_for_the_full_token_retry() -> None:
+    # (regression: the pause was cut to the 429 cap, so every sender retried the token endpoint 4x a second)
+    from sync.client import SHARED_PAUSE_MAX_S, TOKEN_RETRY_S
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    async def scenario() -> float:
+        async with ServiceTitanClient(st_config(), transport=httpx.MockTransport(handler)) as st:
+            assert st.limiter.max_pause == SHARED_PAUSE_MAX_S < TOKEN_RETRY_S  # the production limiter
+            await st.patch("customers", 1, {"name": "x"})
+            return st.limiter._paused_until - time.monotonic()
+
+    assert run(scenario) == pytest.approx(TOKEN_RETRY_S, abs=0.5)
 
 
 def test_token_endpoint_answer_without_a_token_is_a_service_titan_error() -> None:

@@ -225,6 +225,17 @@ def test_429s_spread_out_never_pause_and_the_rate_stops_at_the_floor(clock: Virt
     assert stamps == [pytest.approx(at + 1 / 80)]  # one slot skipped, never the whole second
 
 
+def test_the_current_rate_includes_recovery_while_idle(clock: VirtualClock) -> None:
+    # (what /metrics shows: an idle limiter must not look throttled long after its last 429)
+    limiter = adaptive(100)
+    limiter.rate_limited(1.0)
+    clock.now = 5.0
+    assert limiter.current_rate() == pytest.approx(100 * (0.99 + 0.005))
+    clock.now = 3600.0
+    assert limiter.current_rate() == pytest.approx(100.0)
+    assert limiter.rate == pytest.approx(99.0)  # nothing changed by looking
+
+
 def test_set_rate_moves_the_ceiling_and_keeps_the_slowdown(clock: VirtualClock) -> None:
     limiter = adaptive(100)
     limiter.rate_limited(1.0)
