@@ -18,6 +18,15 @@ def _same(kind: Any, a: Any, b: Any) -> bool:
         return False  # a malformed local value is a change; request building reports it on its column
 
 
+def sent_values(diff: Any, local: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A stored diff ({column: [shadow value, mirror value]}, outbox.diff) as {column: value being sent}; an
+    entry not in that form takes ``local``'s value for the column."""
+    if not isinstance(diff, Mapping):
+        return {}
+    local = local or {}
+    return {c: (v[1] if isinstance(v, list) and len(v) == 2 else local.get(c)) for c, v in diff.items()}
+
+
 def strip_key(data: Any, key: str) -> Any:
     """external_data without stsync's own mirror-id key (it is managed by stsync, never diffed)."""
     if isinstance(data, Mapping) and key in data:

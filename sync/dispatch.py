@@ -23,7 +23,7 @@ from sync import db, merge, records
 from sync.client import ApiResponse, ServiceTitanClient
 from sync.config import Config
 from sync.detect import mark_dead_before_send, plan_record, sync_error
-from sync.diff import strip_key
+from sync.diff import sent_values, strip_key
 from sync.fields import (
     API_COLLECTIONS,
     FIELDS,
@@ -43,6 +43,10 @@ log = get_logger("stsync.dispatch")
 
 
 _FOLDED_UNCONFIRMED = "(SELECT o.unconfirmed FROM outbox o WHERE o.id = :id)"
+_CLAIMABLE = """o.state = 'pending'
+                      AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.entity = o.entity
+                                      AND f.mirror_id = o.mirror_id AND f.state = 'in_flight')"""
+"""SQL over ``outbox o``: a pending row not queued behind a request in flight for its record."""
 
 
 def _as_list(expr: str) -> str:
@@ -104,8 +108,7 @@ def requeue_where(engine: Engine, condition: str, params: dict[str, Any]) -> int
         for oid, entity, mirror_id, attempts, diff in held:
             # the request may have gone out (a killed worker, a cancelled send): what it carried is possibly
             # applied by ServiceTitan, so the pull must take it for ours (the diff holds it since the claim)
-            sent = {c: v[1] for c, v in diff.items() if isinstance(v, list) and len(v) == 2} \
-                if isinstance(diff, dict) else {}
+            sent = sent_values(diff)
             requeue(conn, oid, entity, mirror_id, delay_s=0.0, attempts=attempts, status=None, error=None,
                     unconfirmed=json.dumps([sent], default=str) if sent else None)
     return len(held)
@@ -181,11 +184,8 @@ class Dispatcher:
         (a row queued behind another worker's request in flight waits for that worker, not for time)."""
         with self.engine.connect() as conn:
             # ORDER BY ... LIMIT 1 walks outbox_due_idx (min() with the anti-join would read every pending row)
-            due = conn.execute(text("""
-                SELECT EXTRACT(EPOCH FROM o.next_attempt_at - now()) FROM outbox o
-                WHERE o.state = 'pending'
-                  AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.entity = o.entity AND f.mirror_id = o.mirror_id
-                                  AND f.state = 'in_flight')
+            due = conn.execute(text(f"""
+                SELECT EXTRACT(EPOCH FROM o.next_attempt_at - now()) FROM outbox o WHERE {_CLAIMABLE}
                 ORDER BY o.next_attempt_at LIMIT 1""")).scalar_one_or_none()
         return None if due is None else float(due)
 
@@ -196,12 +196,10 @@ class Dispatcher:
     def claim(self, limit: int) -> list[Claim]:
         """Lease up to ``limit`` due rows and compute each body from the current mirror and shadow."""
         with self.engine.begin() as conn:
-            rows = conn.execute(text("""
+            rows = conn.execute(text(f"""
                 WITH due AS (
                     SELECT o.id FROM outbox o
-                    WHERE o.state = 'pending' AND o.next_attempt_at <= now()
-                      AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.entity = o.entity
-                                      AND f.mirror_id = o.mirror_id AND f.state = 'in_flight')
+                    WHERE o.next_attempt_at <= now() AND {_CLAIMABLE}
                     ORDER BY o.next_attempt_at, o.id
                     LIMIT :n FOR UPDATE SKIP LOCKED)
                 UPDATE outbox o SET state = 'in_flight', lease_owner = :w,

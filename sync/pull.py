@@ -31,6 +31,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 from sync import db, openapi, records
 from sync.client import ApiResponse, ServiceTitanClient
 from sync.config import Config
+from sync.diff import sent_values
 from sync.errors import ServiceTitanError
 from sync.fields import BY_COLUMN, ENTITIES, FIELDS, TABLES, Entity, Kind, parse_timestamp, record_from_api
 from sync.log import get_logger
@@ -437,13 +438,6 @@ def unconfirmed_versions(stored: Any) -> list[dict[str, Any]]:
     return [dict(v) for v in items if isinstance(v, dict) and v]
 
 
-def _in_flight_values(diff: Any, local: Mapping[str, Any]) -> dict[str, Any]:
-    """outbox.diff ({column: [shadow value, mirror value]}) as {column: value being sent}."""
-    if not isinstance(diff, dict):
-        return {}
-    return {c: (v[1] if isinstance(v, list) and len(v) == 2 else local.get(c)) for c, v in diff.items()}
-
-
 def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, dict[str, Any]],
                    stats: FeedStats, log: Any, customer_ids: dict[int, int] | None) -> None:
     """Merge ``recs`` (st_id -> remote canonical record) into the mirror and shadow; batched writes."""
@@ -518,7 +512,7 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
         remote_mod = parse_timestamp(remote["modified_on"]) if remote.get("modified_on") else None
         result = merge(entity, shadows.get(mid), row.record, remote, policy, remote_modified_on=remote_mod,
                        local_changed_at=max(local_times) if local_times else now, sync_active=cfg.sync.sync_active,
-                       in_flight=_in_flight_values(ob.get("in_flight"), row.record),
+                       in_flight=sent_values(ob.get("in_flight"), row.record),
                        unconfirmed=ob.get("unconfirmed", ()))
         if result.stale:
             stats.stale += 1

@@ -57,16 +57,19 @@ class RateLimiter:
         self.rate = self.ceiling * self.factor
         self.interval = 1.0 / self.rate
 
+    def _factor_at_time(self, now: float) -> float:
+        """The factor after climbing back since it was last updated."""
+        return min(1.0, self.factor + self.recover_per_s * max(0.0, now - self._factor_at))
+
     def _recover(self, now: float) -> None:
         if self.factor < 1.0:
-            self.factor = min(1.0, self.factor + self.recover_per_s * (now - self._factor_at))
+            self.factor = self._factor_at_time(now)
             self._apply_factor()
         self._factor_at = now
 
     def current_rate(self) -> float:
         """The rate allowed right now, recovery since the last request included (changes nothing)."""
-        elapsed = max(0.0, time.monotonic() - self._factor_at)
-        return self.ceiling * min(1.0, self.factor + self.recover_per_s * elapsed)
+        return self.ceiling * self._factor_at_time(time.monotonic())
 
     def rate_limited(self, retry_after: float) -> None:
         """ServiceTitan answered 429: one step slower; a storm of them also pauses every sender."""
