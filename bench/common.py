@@ -162,7 +162,8 @@ def percentile(xs: list[float], q: float) -> float | None:
 @contextlib.contextmanager
 def throwaway_database(admin_url: str, prefix: str, *, keep: bool = False) -> Iterator[str]:
     """A fresh database migrated to head (schema ``stsync``); dropped afterwards unless ``keep``."""
-    from sync import db, embedded
+    from sync import embedded
+    from sync.db import engine as db
 
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     url = embedded.create_database(admin_url, name)

@@ -8,7 +8,7 @@ each:
 - **separate transactions**: the same for another --rows/10 rows, one autocommitted UPDATE per row, from
   --writers parallel connections;
 
-each followed by ``sync.detect.detect_all`` (the daemon's detect job, batch_size --batch-size) in a separate
+each followed by ``sync.stages.detect.detect_all`` (the daemon's detect job, batch_size --batch-size) in a separate
 process, which drains the change log into the outbox. Figures: write time, detect rows/s (target >= 20,000/s),
 the detect process's peak RSS (ru_maxrss), for a 10x smaller backlog too; then ``EXPLAIN (ANALYZE, BUFFERS)``
 of the detect query on the empty change log (must not touch the mirror), right after the drain and after
@@ -47,7 +47,7 @@ from common import (
 )
 from sqlalchemy import Engine, text
 
-from sync import db
+from sync.db import engine as db
 
 LOAD_CUSTOMERS = """
 INSERT INTO customers (id, st_id, name, type, street, unit, city, state, zip, country, latitude, longitude,
@@ -113,10 +113,9 @@ def patch_pending_lookup() -> None:
     """Experiment (--exp-skip-pending-lookup): detect without its pending-row lookup, i.e. what detect costs
     once that lookup is folded into the upsert (``RETURNING (xmax <> 0)`` tells which rows coalesced; see
     bench/experiments/pending_lookup.py). Exact for this benchmark, where no changed record has a pending row.
-    Rewrites that one SQL string as sync.detect builds it; nothing in sync/ is modified."""
-    import sync.detect
-
-    original = sync.detect.text
+    Rewrites that one SQL string as sync.stages.detect builds it; nothing in sync/ is modified."""
+    import sync.stages.detect
+    original = sync.stages.detect.text
 
     def text_(sql: str) -> Any:
         if sql == PENDING_LOOKUP:
@@ -125,12 +124,12 @@ def patch_pending_lookup() -> None:
             return clause
         return original(sql)
 
-    sync.detect.text = text_  # type: ignore[assignment]
+    sync.stages.detect.text = text_  # type: ignore[assignment]
 
 
 def worker(url: str, batch_size: int, exp_skip_lookup: bool = False) -> None:
     """Child process: detect_all once, print {duration_s, result, peak RSS} as JSON."""
-    from sync.detect import detect_all
+    from sync.stages.detect import detect_all
 
     if exp_skip_lookup:
         patch_pending_lookup()
@@ -237,7 +236,7 @@ def explain(engine: Engine, sql: str) -> list[str]:
 
 
 def idle_poll(engine: Engine, url: str, label: str) -> dict[str, Any]:
-    from sync.detect import detect_batch
+    from sync.stages.detect import detect_batch
 
     plan = explain(engine, DETECT_QUERY)
     mirror_touched = any(t in line for line in plan for t in (" customers", " locations", " shadow"))
@@ -377,8 +376,8 @@ def main() -> None:
 
 def check_sample(engine: Engine, url: str, size: int = 2000) -> bool:
     """Unchanged rows must diff empty against their bulk-loaded shadow (else the benchmark measures nonsense)."""
-    from sync import records
-    from sync.detect import plan_record
+    from sync.db import mirror as records
+    from sync.stages.detect import plan_record
 
     cfg = bench_config(url)
     with engine.connect() as conn:

@@ -36,7 +36,7 @@ from common import (
 )
 from sqlalchemy import text
 
-from sync import db
+from sync.db import engine as db
 
 
 def one_load(args: Any, sb: SandboxProcess, tmp: Path, i: int, profile_to: Path | None = None) -> dict[str, Any]:

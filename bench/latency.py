@@ -41,7 +41,7 @@ from common import (
 )
 from sqlalchemy import text
 
-from sync import db
+from sync.db import engine as db
 
 
 def stats(xs: list[float]) -> dict[str, float | None]:

@@ -42,7 +42,7 @@ from common import (
 )
 from sqlalchemy import text
 
-from sync import db
+from sync.db import engine as db
 
 
 def main() -> None:

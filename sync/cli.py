@@ -79,7 +79,7 @@ def check_config(obj: Ctx) -> None:
 @friendly_errors
 def migrate(obj: Ctx, revision: str, downgrade: bool) -> None:
     """Create or upgrade the mirror schema (alembic upgrade head); a second run is a no-op."""
-    from sync import db
+    from sync.db import engine as db
     from sync.log import get_logger
 
     cfg = obj.config()
@@ -101,7 +101,7 @@ def migrate(obj: Ctx, revision: str, downgrade: bool) -> None:
 @friendly_errors
 def run(obj: Ctx, dry_run: bool) -> None:
     """Run the daemon: pull, detect, dispatch and housekeeping on their schedules, until SIGTERM/SIGINT."""
-    from sync.daemon import run_daemon
+    from sync.daemon.service import run_daemon
 
     run_daemon(obj.config(), dry_run=dry_run)
 
@@ -112,7 +112,7 @@ def run(obj: Ctx, dry_run: bool) -> None:
 @friendly_errors
 def once(obj: Ctx, dry_run: bool) -> None:
     """Run one cycle (pull, detect, dispatch everything due now) and exit."""
-    from sync.daemon import run_once
+    from sync.daemon.service import run_once
 
     summary = run_once(obj.config(), dry_run=dry_run)
     click.echo(json.dumps(summary, sort_keys=True))
@@ -128,8 +128,8 @@ def once(obj: Ctx, dry_run: bool) -> None:
 @friendly_errors
 def status(obj: Ctx, as_json: bool) -> None:
     """Outbox counts, oldest pending age, dead rows, last pull, feed cursors."""
-    from sync import db
-    from sync import status as st
+    from sync.commands import status as st
+    from sync.db import engine as db
 
     cfg = obj.config()
     engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
@@ -183,7 +183,7 @@ def demo(obj: Ctx, duration: float | None, customers: int, locations: int, demo_
 
 
 def _engine(obj: Ctx) -> Any:
-    from sync import db
+    from sync.db import engine as db
 
     cfg = obj.config()
     engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
@@ -215,7 +215,7 @@ def outbox() -> None:
 @friendly_errors
 def outbox_list(obj: Ctx, state: str | None, entity: str | None, limit: int, as_json: bool) -> None:
     """Newest rows first."""
-    from sync import outbox_admin
+    from sync.commands import outbox as outbox_admin
 
     with _engine(obj).connect() as conn:
         rows = outbox_admin.list_rows(conn, state=state, entity=entity, limit=limit)
@@ -229,7 +229,7 @@ def outbox_list(obj: Ctx, state: str | None, entity: str | None, limit: int, as_
 @friendly_errors
 def outbox_show(obj: Ctx, outbox_id: int) -> None:
     """Payload, diff, and every attempt with its status and error body."""
-    from sync import outbox_admin
+    from sync.commands import outbox as outbox_admin
 
     with _engine(obj).connect() as conn:
         click.echo(json.dumps(outbox_admin.show(conn, outbox_id), indent=2, default=str))
@@ -242,7 +242,7 @@ def outbox_show(obj: Ctx, outbox_id: int) -> None:
 @friendly_errors
 def outbox_retry(obj: Ctx, outbox_id: int | None, all_dead: bool) -> None:
     """Send a dead row again (fresh attempts; the body is recomputed from the mirror)."""
-    from sync import outbox_admin
+    from sync.commands import outbox as outbox_admin
 
     if (outbox_id is None) == (not all_dead):
         raise click.UsageError("give one outbox ID or --all-dead")
@@ -257,7 +257,7 @@ def outbox_retry(obj: Ctx, outbox_id: int | None, all_dead: bool) -> None:
 @friendly_errors
 def outbox_discard(obj: Ctx, outbox_id: int) -> None:
     """Close a pending or dead row without sending it."""
-    from sync import outbox_admin
+    from sync.commands import outbox as outbox_admin
 
     with _engine(obj).begin() as conn:
         outbox_admin.discard(conn, outbox_id)
@@ -276,7 +276,7 @@ def conflicts() -> None:
 @click.pass_obj
 @friendly_errors
 def conflicts_list(obj: Ctx, entity: str | None, limit: int, as_json: bool) -> None:
-    from sync import outbox_admin
+    from sync.commands import outbox as outbox_admin
 
     with _engine(obj).connect() as conn:
         rows = outbox_admin.conflicts(conn, limit=limit, entity=entity)

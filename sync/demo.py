@@ -19,9 +19,10 @@ from typing import Any
 import click
 from sqlalchemy import Engine, text
 
-from sync import db, embedded
+from sync import embedded
 from sync.config import Config, parse_config
-from sync.daemon import Daemon
+from sync.daemon.service import Daemon
+from sync.db import engine as db
 from sync.log import configure_logging
 from sync.sandbox import Fault, Sandbox, SandboxServer
 

@@ -295,7 +295,7 @@ def cycle(engine: Any, cfg: Any, sb: Any, *, pull: bool = True, transport: Any =
     logged and survived exactly as in ``stsync run``."""
     import asyncio
 
-    from sync.daemon import Daemon
+    from sync.daemon.service import Daemon
     from sync.sandbox import create_app
 
     async def go() -> dict[str, Any]:

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from sync import db, embedded
+from sync import embedded
 from sync.config import Config, parse_config
+from sync.db import engine as db
 
 SCHEMA = "stsync"
 TABLES = ("outbox_attempts", "outbox", "change_log", "shadow", "conflicts", "tombstones", "feed_cursors", "workers",

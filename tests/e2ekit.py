@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from sync import db, embedded
+from sync import embedded
+from sync.db import engine as db
 from sync.sandbox import Sandbox, SandboxServer
 
 CONFIG = """

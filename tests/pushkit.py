@@ -8,13 +8,14 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine, text
 
-from sync import db, records
 from sync.config import Config
-from sync.daemon import Daemon
-from sync.detect import detect_all
-from sync.dispatch import Dispatcher
-from sync.fields import record_from_api
+from sync.core.fields import record_from_api
+from sync.daemon.service import Daemon
+from sync.db import engine as db
+from sync.db import mirror as records
 from sync.sandbox import Sandbox, create_app
+from sync.stages.detect import detect_all
+from sync.stages.dispatch import Dispatcher
 
 
 def link_mirror(engine: Engine, sb: Sandbox) -> dict[int, int]:
@@ -82,7 +83,7 @@ def drain(engine: Engine, cfg: Config, sb: Sandbox, *, rounds: int = 30) -> None
 
 
 async def dispatch_with(engine: Engine, cfg: Config, sb: Sandbox, worker: str) -> dict[str, Any]:
-    from sync.client import ServiceTitanClient
+    from sync.servicetitan.client import ServiceTitanClient
 
     async with ServiceTitanClient(cfg.servicetitan, transport=transport(sb)) as client:
         return await Dispatcher(engine, client, cfg, worker).run()

@@ -15,12 +15,12 @@ import httpx
 import pytest
 from sqlalchemy import Engine
 
-from sync import openapi
-from sync.client import ServiceTitanClient
 from sync.config import Config
+from sync.core import openapi
 from sync.errors import ServiceTitanError
-from sync.pull import pull
 from sync.sandbox import Sandbox, create_app
+from sync.servicetitan.client import ServiceTitanClient
+from sync.stages.pull import pull
 from tests.chaos_kit import Tamper, cut_off, cycle, html_502, non_json_200, raw, rewrite_json, truncated_200
 from tests.conftest import make_config
 from tests.e2ekit import Env

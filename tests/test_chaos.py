@@ -21,8 +21,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from sync import db, embedded, records
-from sync.fields import FIELDS, TABLES, Entity, equal, record_from_api
+from sync import embedded
+from sync.core.fields import FIELDS, TABLES, Entity, equal, record_from_api
+from sync.db import engine as db
+from sync.db import mirror as records
 from sync.sandbox import Fault, Sandbox, SandboxServer
 from tests.chaos_kit import overlapping_requests, parse_name, private_server, regressions, writer
 from tests.e2ekit import Env, stop
@@ -411,9 +413,9 @@ def test_a_request_that_must_be_retried_while_a_newer_edit_waits_behind_it(
         engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]], how: str) -> None:
     import asyncio
 
-    from sync.client import ServiceTitanClient
-    from sync.detect import detect_all
-    from sync.dispatch import Dispatcher
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
     from tests.conftest import make_config
     from tests.pushkit import drain, rows, sql, transport
 
@@ -480,10 +482,10 @@ def test_a_lost_answer_stays_ours_while_the_row_is_in_flight_again_with_a_newer_
         engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
     import asyncio
 
-    from sync.client import ServiceTitanClient
-    from sync.detect import detect_all
-    from sync.dispatch import Dispatcher
-    from sync.pull import pull
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
+    from sync.stages.pull import pull
     from tests.chaos_kit import cycle
     from tests.conftest import make_config
     from tests.pushkit import rows, sql, transport
@@ -519,10 +521,10 @@ def test_bodies_whose_answers_were_lost_follow_the_record_into_the_row_queued_be
         engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
     import asyncio
 
-    from sync.client import ServiceTitanClient
-    from sync.detect import detect_all
-    from sync.dispatch import Dispatcher
-    from sync.pull import unconfirmed_versions
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
+    from sync.stages.pull import unconfirmed_versions
     from tests.conftest import make_config
     from tests.pushkit import rows, sql, transport
 
@@ -548,8 +550,8 @@ def test_unconfirmed_bodies_from_before_the_list_format_are_kept_on_a_fold(
         engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
     # rows written before outbox.unconfirmed became a list hold one object each; a fold must keep both bodies
     # (a plain jsonb || of two objects would merge them key by key, and one body would be lost)
-    from sync.dispatch import requeue
-    from sync.pull import unconfirmed_versions
+    from sync.stages.dispatch import requeue
+    from sync.stages.pull import unconfirmed_versions
     from tests.pushkit import rows, sql
 
     _, mids = small
@@ -568,10 +570,10 @@ def test_unconfirmed_bodies_from_before_the_list_format_are_kept_on_a_fold(
 def test_a_reclaimed_row_keeps_what_it_was_sending_as_possibly_applied(
         engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
     # a worker killed mid-request: ServiceTitan may still apply what it sent, so the pull must take it for ours
-    from sync.client import ServiceTitanClient
-    from sync.detect import detect_all
-    from sync.dispatch import Dispatcher
-    from sync.pull import unconfirmed_versions
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
+    from sync.stages.pull import unconfirmed_versions
     from tests.conftest import make_config
     from tests.pushkit import rows, sql, transport
 
@@ -639,9 +641,9 @@ def test_a_row_whose_outcome_could_not_be_recorded_is_not_held_while_the_worker_
 
     from sqlalchemy.exc import OperationalError
 
-    from sync.client import ServiceTitanClient
-    from sync.detect import detect_all
-    from sync.dispatch import Dispatcher
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
     from tests.conftest import make_config
     from tests.pushkit import rows, sql, transport
 

@@ -16,15 +16,15 @@ import httpx
 import pytest
 import structlog
 
-from sync import openapi
-from sync.client import ApiResponse, ServiceTitanClient, parse_retry_after
 from sync.config import ServiceTitanConfig
+from sync.core import openapi
+from sync.core.retry import Outcome, classify
 from sync.errors import AuthError, ServiceTitanError
 from sync.log import configure_logging
-from sync.ratelimit import RateLimiter
-from sync.retry import Outcome, classify
 from sync.sandbox import Sandbox, create_app
 from sync.sandbox.state import Fault
+from sync.servicetitan.client import ApiResponse, ServiceTitanClient, parse_retry_after
+from sync.servicetitan.ratelimit import RateLimiter
 from tests.conftest import make_config
 
 T = TypeVar("T")
@@ -376,7 +376,7 @@ def test_unreachable_token_endpoint_comes_back_from_request_as_status_0() -> Non
 
 def test_an_unreachable_token_endpoint_stops_every_sender_for_the_full_token_retry() -> None:
     # (regression: the pause was cut to the 429 cap, so every sender retried the token endpoint 4x a second)
-    from sync.client import SHARED_PAUSE_MAX_S, TOKEN_RETRY_S
+    from sync.servicetitan.client import SHARED_PAUSE_MAX_S, TOKEN_RETRY_S
 
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)

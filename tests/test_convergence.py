@@ -47,11 +47,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
-from sync import records
 from sync.config import Config
-from sync.daemon import Daemon
-from sync.fields import BY_COLUMN, FIELDS, Entity, equal, record_from_api
-from sync.merge import POLICIES
+from sync.core.fields import BY_COLUMN, FIELDS, Entity, equal, record_from_api
+from sync.core.merge import POLICIES
+from sync.daemon.service import Daemon
+from sync.db import mirror as records
 from sync.sandbox import Sandbox
 from tests.conftest import TABLES, make_config
 from tests.pushkit import rows, sql, transport

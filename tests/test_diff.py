@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from sync.diff import local_diff
-from sync.fields import Entity
+from sync.core.diff import local_diff
+from sync.core.fields import Entity
 
 
 def customer(**over: Any) -> dict[str, Any]:

@@ -8,9 +8,9 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from sync import db
-from sync.daemon import Daemon
-from sync.housekeeping import prune
+from sync.daemon.service import Daemon
+from sync.db import engine as db
+from sync.stages.housekeeping import prune
 from tests.conftest import make_config
 from tests.pushkit import rows
 

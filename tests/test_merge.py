@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sync.fields import BY_COLUMN, FIELDS, Entity, equal
-from sync.merge import Conflict, MergeResult, Policy, Unit, merge, resolve, units
+from sync.core.fields import BY_COLUMN, FIELDS, Entity, equal
+from sync.core.merge import Conflict, MergeResult, Policy, Unit, merge, resolve, units
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from sqlalchemy import Engine, inspect, text
 
-from sync import db
+from sync.db import engine as db
 from sync.errors import MigrationRequiredError
 
 CONTRACT_CUSTOMER_COLUMNS = {

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from sync.config import load_config
-from sync.daemon import Daemon
+from sync.daemon.service import Daemon
 from sync.sandbox.seed import TAG_TYPES
 from tests.e2ekit import Env, stop, wait_for
 from tests.pushkit import link_mirror, rows, sql

@@ -10,14 +10,14 @@ import httpx
 import pytest
 from sqlalchemy import Engine, text
 
-from sync import pull as pull_module
-from sync import records
-from sync.client import ApiResponse, ServiceTitanClient
 from sync.config import Config
+from sync.core.fields import FIELDS, TABLES, Entity, equal, record_from_api
+from sync.db import mirror as records
 from sync.errors import ServiceTitanError
-from sync.fields import FIELDS, TABLES, Entity, equal, record_from_api
-from sync.pull import pull, pull_feed
 from sync.sandbox import Sandbox, create_app
+from sync.servicetitan.client import ApiResponse, ServiceTitanClient
+from sync.stages import pull as pull_module
+from sync.stages.pull import pull, pull_feed
 from tests.conftest import make_config
 
 FAST = {"servicetitan": {"requests_per_second": 1000}, "retry": {"base_delay_seconds": 0.001}}

@@ -103,7 +103,7 @@ def test_ten_quick_edits_become_one_request_with_last_values(engine: Engine, cfg
         sql(engine, "UPDATE customers SET name = :n, do_not_mail = :d WHERE st_id = :s",
             n=f"Name {i}", d=final_flag if i % 2 else not final_flag, s=cust["id"])
         if i == 4:  # half of them already drained into a pending row: later edits coalesce into it
-            from sync.detect import detect_all
+            from sync.stages.detect import detect_all
 
             detect_all(engine, cfg)
     run_cycle(engine, cfg, sb)
@@ -271,7 +271,7 @@ def test_two_dispatchers_never_send_the_same_row(engine: Engine, cfg: Config, sb
         sql(engine, "UPDATE customers SET name = name || ' 2' WHERE st_id = :s", s=c["id"])
     for loc in sb.locations():
         sql(engine, "UPDATE locations SET name = name || ' 2' WHERE st_id = :s", s=loc["id"])
-    from sync.detect import detect_all
+    from sync.stages.detect import detect_all
 
     detect_all(engine, cfg)
 
@@ -288,9 +288,9 @@ def test_two_dispatchers_never_send_the_same_row(engine: Engine, cfg: Config, sb
 
 def test_crashed_worker_rows_are_reclaimed_after_lease_expiry(engine: Engine, cfg: Config, sb: Sandbox,
                                                               linked: dict[int, int]) -> None:
-    from sync.client import ServiceTitanClient
-    from sync.detect import detect_all
-    from sync.dispatch import Dispatcher
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
     from tests.pushkit import transport
 
     for c in sb.customers():
@@ -310,9 +310,9 @@ def test_crashed_worker_rows_are_reclaimed_after_lease_expiry(engine: Engine, cf
 
 def test_edit_while_in_flight_queues_behind_and_lands(engine: Engine, cfg: Config, sb: Sandbox,
                                                       linked: dict[int, int]) -> None:
-    from sync.client import ServiceTitanClient
-    from sync.detect import detect_all
-    from sync.dispatch import Dispatcher
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
     from tests.pushkit import transport
 
     cust = first_customer(sb)
@@ -337,9 +337,9 @@ def test_edit_while_in_flight_queues_behind_and_lands(engine: Engine, cfg: Confi
 @pytest.mark.parametrize("policy", ["remote_wins", "local_wins"])
 def test_remote_edit_seen_in_a_patch_response_conflicts_with_a_later_local_edit_per_policy(
         engine: Engine, sb: Sandbox, linked: dict[int, int], database_url: str, policy: str) -> None:
-    from sync.client import ServiceTitanClient
-    from sync.detect import detect_all
-    from sync.dispatch import Dispatcher
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
     from tests.pushkit import transport
 
     cfg = make_config(database_url, sync={"conflict_policy": policy})

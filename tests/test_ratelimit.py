@@ -1,4 +1,4 @@
-"""Rate limiting (sync.ratelimit): even spacing at the ceiling, never more than `rate` per second, shared pauses.
+"""Rate limiting (sync.servicetitan.ratelimit): even spacing at the ceiling, never more than `rate` per second, shared pauses.
 
 Exact properties run on a virtual clock (deterministic, instant); a few real-time tests check the wiring.
 """
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-import sync.ratelimit
-from sync.ratelimit import RateLimiter
+import sync.servicetitan.ratelimit
+from sync.servicetitan.ratelimit import RateLimiter
 
 EPS = 1e-9
 
@@ -55,8 +55,8 @@ class VirtualClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> VirtualClock:
     c = VirtualClock()
-    monkeypatch.setattr(sync.ratelimit, "time", SimpleNamespace(monotonic=c.monotonic))
-    monkeypatch.setattr(sync.ratelimit, "asyncio", SimpleNamespace(Lock=asyncio.Lock, sleep=c.sleep))
+    monkeypatch.setattr(sync.servicetitan.ratelimit, "time", SimpleNamespace(monotonic=c.monotonic))
+    monkeypatch.setattr(sync.servicetitan.ratelimit, "asyncio", SimpleNamespace(Lock=asyncio.Lock, sleep=c.sleep))
     return c
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sync.retry import Outcome, backoff_seconds, classify
+from sync.core.retry import Outcome, backoff_seconds, classify
 
 PROBLEM = {"type": "https://tools.ietf.org/html/rfc7231#section-6.5.1", "title": "One or more validation errors",
            "status": 400, "traceId": "abc", "errors": {"name": ["The name field is required."]}}

@@ -24,10 +24,10 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from sync import embedded
-from sync.client import ServiceTitanClient
 from sync.config import ServiceTitanConfig, parse_config
 from sync.errors import ConfigError
 from sync.sandbox import Fault, Sandbox, SandboxServer
+from sync.servicetitan.client import ServiceTitanClient
 from tests.chaos_kit import cycle, grep_secrets, plain_dsn
 from tests.conftest import make_config
 from tests.e2ekit import Env, free_port, stop, wait_for

@@ -22,8 +22,8 @@ import collections
 import os
 import time
 
-from sync import ratelimit
 from sync.cli import main
+from sync.servicetitan import ratelimit
 
 CAP = float(os.environ.get("STSYNC_EXP_MAX_PAUSE", "1e9"))
 REWIND = os.environ.get("STSYNC_EXP_REWIND") == "1"

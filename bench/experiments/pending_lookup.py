@@ -28,7 +28,8 @@ from common import DEFAULT_PG, SCHEMA, say
 from sqlalchemy import bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 
-from sync import db, embedded
+from sync import embedded
+from sync.db import engine as db
 
 IDS = bindparam("ids", type_=ARRAY(BIGINT))
 CURRENT = text("SELECT mirror_id FROM outbox WHERE entity = :e AND state = 'pending' "

@@ -25,9 +25,10 @@ from common import SCHEMA, Run, base_parser, say, throwaway_database
 from detect_throughput import LOAD_CUSTOMERS, LOAD_SHADOW, write_one_statement
 from sqlalchemy import Engine, text
 
-from sync import db, records
-from sync.diff import local_diff
-from sync.fields import writable_fields
+from sync.core.diff import local_diff
+from sync.core.fields import writable_fields
+from sync.db import engine as db
+from sync.db import mirror as records
 
 
 def column_diff_sql(mirror_id_key: str = "mirrorId") -> str:

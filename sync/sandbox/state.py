@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal, cast
 
-from sync.openapi import UPDATE_SCHEMAS, spec, validate
+from sync.core.openapi import UPDATE_SCHEMAS, spec, validate
 from sync.sandbox import seed as fake
 from sync.sandbox.seed import iso_from_us
 

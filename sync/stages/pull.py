@@ -28,15 +28,17 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 
-from sync import db, openapi, records
-from sync.client import ApiResponse, ServiceTitanClient
 from sync.config import Config
-from sync.diff import sent_values
+from sync.core import openapi
+from sync.core.diff import sent_values
+from sync.core.fields import BY_COLUMN, ENTITIES, FIELDS, TABLES, Entity, Kind, parse_timestamp, record_from_api
+from sync.core.merge import MergeResult, Policy, is_echo, is_stale, merge
+from sync.core.retry import Outcome, backoff_seconds, classify
+from sync.db import engine as db
+from sync.db import mirror as records
 from sync.errors import ServiceTitanError
-from sync.fields import BY_COLUMN, ENTITIES, FIELDS, TABLES, Entity, Kind, parse_timestamp, record_from_api
 from sync.log import get_logger
-from sync.merge import MergeResult, Policy, is_echo, is_stale, merge
-from sync.retry import Outcome, backoff_seconds, classify
+from sync.servicetitan.client import ApiResponse, ServiceTitanClient
 
 _log = get_logger("stsync.pull")
 

@@ -27,7 +27,7 @@ from datetime import datetime
 from functools import cache
 from typing import Any, Literal, NamedTuple
 
-from sync.fields import BY_COLUMN, FIELDS, Entity, address_columns, equal, parse_timestamp
+from sync.core.fields import BY_COLUMN, FIELDS, Entity, address_columns, equal, parse_timestamp
 
 Policy = Literal["remote_wins", "local_wins", "newest_wins"]
 POLICIES: tuple[Policy, ...] = ("remote_wins", "local_wins", "newest_wins")

@@ -16,12 +16,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 
-from sync import db, records
 from sync.config import Config
-from sync.diff import local_diff
-from sync.fields import ENTITIES, TABLES, Entity
+from sync.core.diff import local_diff
+from sync.core.fields import ENTITIES, TABLES, Entity
+from sync.core.request import Patch, build_patch
+from sync.db import engine as db
+from sync.db import mirror as records
 from sync.log import get_logger
-from sync.request import Patch, build_patch
 
 log = get_logger("stsync.detect")
 

@@ -19,12 +19,10 @@ from typing import Any
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 
-from sync import db, merge, records
-from sync.client import ApiResponse, ServiceTitanClient
 from sync.config import Config
-from sync.detect import mark_dead_before_send, plan_record, sync_error
-from sync.diff import sent_values, strip_key
-from sync.fields import (
+from sync.core import merge
+from sync.core.diff import sent_values, strip_key
+from sync.core.fields import (
     API_COLLECTIONS,
     FIELDS,
     TABLES,
@@ -34,10 +32,14 @@ from sync.fields import (
     parse_timestamp,
     record_from_api,
 )
+from sync.core.request import _api_to_column
+from sync.core.retry import Outcome, backoff_seconds, classify
+from sync.daemon.observability import Metrics
+from sync.db import engine as db
+from sync.db import mirror as records
 from sync.log import get_logger
-from sync.observability import Metrics
-from sync.request import _api_to_column
-from sync.retry import Outcome, backoff_seconds, classify
+from sync.servicetitan.client import ApiResponse, ServiceTitanClient
+from sync.stages.detect import mark_dead_before_send, plan_record, sync_error
 
 log = get_logger("stsync.dispatch")
 

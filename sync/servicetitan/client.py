@@ -23,7 +23,7 @@ import httpx
 from sync.config import ServiceTitanConfig
 from sync.errors import AuthError, ServiceTitanError
 from sync.log import get_logger
-from sync.ratelimit import RateLimiter
+from sync.servicetitan.ratelimit import RateLimiter
 
 log = get_logger("stsync.client")
 

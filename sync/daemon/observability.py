@@ -20,11 +20,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from sync.status import OUTBOX_STATES
+from sync.commands.status import OUTBOX_STATES
 
 if TYPE_CHECKING:
-    from sync.daemon import Daemon
-    from sync.ratelimit import RateLimiter
+    from sync.daemon.service import Daemon
+    from sync.servicetitan.ratelimit import RateLimiter
 
 
 class Metrics:

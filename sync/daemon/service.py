@@ -24,16 +24,16 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
-from sync import client as client_mod
-from sync import db
-from sync import workers as workers_mod
-from sync.client import ServiceTitanClient
 from sync.config import Config
-from sync.detect import detect_all, preview
-from sync.dispatch import Dispatcher
+from sync.daemon.observability import Metrics
+from sync.db import engine as db
+from sync.db import workers as workers_mod
 from sync.errors import AuthError, DatabaseError, MigrationRequiredError, StsyncError
 from sync.log import get_logger
-from sync.observability import Metrics
+from sync.servicetitan import client as client_mod
+from sync.servicetitan.client import ServiceTitanClient
+from sync.stages.detect import detect_all, preview
+from sync.stages.dispatch import Dispatcher
 
 log = get_logger("stsync.daemon")
 
@@ -139,7 +139,7 @@ class Daemon:
 
     async def _pull(self) -> dict[str, Any]:
         try:
-            from sync.pull import pull
+            from sync.stages.pull import pull
         except ImportError:
             return {}
         result: dict[str, Any] = await pull(self.engine, self.client, self.cfg, progress=self._progress)
@@ -195,7 +195,7 @@ class Daemon:
 
     async def workers_job(self) -> dict[str, Any]:
         """Heartbeat; take this replica's share of the tenant's request budget."""
-        from sync import workers
+        from sync.db import workers
 
         live = await asyncio.to_thread(workers.heartbeat, self.engine, self.worker)
         rate = self.cfg.servicetitan.requests_per_second * client_mod.RATE_HEADROOM / live
@@ -212,7 +212,7 @@ class Daemon:
     async def housekeeping_job(self) -> dict[str, Any]:
         if self.dry_run:
             return {}
-        from sync.housekeeping import prune
+        from sync.stages.housekeeping import prune
 
         return await self._guard("housekeeping", asyncio.to_thread(
             prune, self.engine, self.cfg.housekeeping.retain_days))
@@ -289,7 +289,7 @@ class Daemon:
         listener.start()
         http = None
         if self.cfg.observability.listen:
-            from sync.observability import serve
+            from sync.daemon.observability import serve
 
             http = asyncio.create_task(serve(self, self.cfg.observability.listen))
         self.log.info("daemon.started", dry_run=self.dry_run, schema=self.cfg.db_schema,

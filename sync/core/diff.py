@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sync.fields import Entity, equal, writable_fields
+from sync.core.fields import Entity, equal, writable_fields
 
 Diff = dict[str, list[Any]]
 """{column: [shadow value, mirror value]} (lists, so the diff is JSON as stored in outbox.diff)."""

@@ -7,8 +7,8 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from sync.core.fields import TABLES
 from sync.errors import StsyncError
-from sync.fields import TABLES
 
 
 def _iso(v: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, text
 from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, JSONB
 
-from sync.fields import BY_COLUMN, FIELDS, TABLES, Entity, canonical
+from sync.core.fields import BY_COLUMN, FIELDS, TABLES, Entity, canonical
 
 _JSON_KINDS = ("custom_fields", "external_data")
 

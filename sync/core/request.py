@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sync import openapi
-from sync.diff import Diff, strip_key
-from sync.fields import BY_COLUMN, Entity, address_columns
+from sync.core import openapi
+from sync.core.diff import Diff, strip_key
+from sync.core.fields import BY_COLUMN, Entity, address_columns
 
 # API property (first path segment of a validation error) -> mirror column(s) to fix
 _ADDRESS_API = "address"

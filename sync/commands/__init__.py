@@ -1,0 +1,1 @@
+"""Operator commands behind the CLI (status, outbox and conflict tools): read and write through sync.db."""

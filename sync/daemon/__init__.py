@@ -1,0 +1,1 @@
+"""The long-running process: the scheduler, the NOTIFY listener, metrics and health endpoints."""
