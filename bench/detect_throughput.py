@@ -114,17 +114,8 @@ def patch_pending_lookup() -> None:
     once that lookup is folded into the upsert (``RETURNING (xmax <> 0)`` tells which rows coalesced; see
     bench/experiments/pending_lookup.py). Exact for this benchmark, where no changed record has a pending row.
     Rewrites that one SQL string as sync.stages.detect builds it; nothing in sync/ is modified."""
-    import sync.stages.detect
-    original = sync.stages.detect.text
-
-    def text_(sql: str) -> Any:
-        if sql == PENDING_LOOKUP:
-            clause = original(NO_LOOKUP)
-            clause.bindparams = lambda *a, **k: clause  # type: ignore[method-assign]  # ids cast in the SQL
-            return clause
-        return original(sql)
-
-    sync.stages.detect.text = text_  # type: ignore[assignment]
+    raise SystemExit("--exp-skip-pending-lookup is obsolete: detect has had no pending-row lookup since the "
+                     "upsert counts coalesced rows itself (RETURNING (xmax <> 0))")
 
 
 def worker(url: str, batch_size: int, exp_skip_lookup: bool = False) -> None:
@@ -376,16 +367,19 @@ def main() -> None:
 
 def check_sample(engine: Engine, url: str, size: int = 2000) -> bool:
     """Unchanged rows must diff empty against their bulk-loaded shadow (else the benchmark measures nonsense)."""
+    from sync.core.plan import plan_record
     from sync.db import mirror as records
-    from sync.stages.detect import plan_record
+    from sync.db import shadow
 
     cfg = bench_config(url)
     with engine.connect() as conn:
         ids = [m for (m,) in conn.execute(text("SELECT id FROM customers TABLESAMPLE SYSTEM (1) LIMIT :n"),
                                           {"n": size})]
         rows = records.load_mirror(conn, "customer", ids)
-        shadows = records.load_shadows(conn, "customer", rows)
-    bad = {mid: diff for mid, row in rows.items() if (diff := plan_record(cfg, "customer", row, shadows[mid])[0])}
+        shadows = shadow.load_shadows(conn, "customer", rows)
+    settings = cfg.patch_settings()
+    bad = {mid: diff for mid, row in rows.items()
+           if (diff := plan_record(settings, "customer", mid, row.record, shadows[mid])[0])}
     if bad:
         raise SystemExit(f"bulk-loaded shadow differs from its mirror row, e.g. {next(iter(bad.items()))}")
     say(f"sample of {len(rows)} unchanged rows: every diff empty")

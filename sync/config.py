@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from sync.core.plan import PatchSettings
 from sync.errors import ConfigError
 
 ENV_CONFIG = "STSYNC_CONFIG"
@@ -180,6 +181,12 @@ class Config(_Section):
     @property
     def db_schema(self) -> str:
         return self.database.schema_
+
+    def patch_settings(self) -> PatchSettings:
+        """What a PATCH body depends on (sync.core.plan)."""
+        st = self.servicetitan
+        return PatchSettings(application_guid=st.application_guid, mirror_id_key=st.mirror_id_key,
+                             sync_active=self.sync.sync_active)
 
     def database_url(self, source: str = "the config") -> str:
         """The configured database URL, or a ConfigError saying which setting is missing."""

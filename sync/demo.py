@@ -22,6 +22,7 @@ from sqlalchemy import Engine, text
 from sync import embedded
 from sync.config import Config, parse_config
 from sync.daemon.service import Daemon
+from sync.db import conflicts, outbox
 from sync.db import engine as db
 from sync.log import configure_logging
 from sync.sandbox import Fault, Sandbox, SandboxServer
@@ -128,11 +129,7 @@ class Scenario:
 
 def _poll(engine: Engine, last_conflict: int, last_dead: int) -> tuple[list[Any], list[Any]]:
     with engine.connect() as conn:
-        c = conn.execute(text("SELECT id, entity, st_id, field, local_value, remote_value, outcome "
-                              "FROM conflicts WHERE id > :i ORDER BY id"), {"i": last_conflict}).all()
-        d = conn.execute(text("SELECT id, entity, st_id, last_error->>'message' FROM outbox "
-                              "WHERE state = 'dead' AND id > :i ORDER BY id"), {"i": last_dead}).all()
-    return list(c), list(d)
+        return conflicts.since(conn, last_conflict), outbox.dead_since(conn, last_dead)
 
 
 async def _report(engine: Engine, sb: Sandbox, say: Printer, stop: asyncio.Event) -> None:

@@ -26,15 +26,12 @@ def link_mirror(engine: Engine, sb: Sandbox) -> dict[int, int]:
     ids: dict[int, int] = {}
     with engine.begin() as conn:
         db.bypass_triggers(conn)
-        for c in sb.customers():
-            rec = record_from_api("customer", c)
-            mid = records.insert_mirror(conn, "customer", c["id"], rec)
-            records.write_shadow(conn, "customer", mid, c["id"], rec)
-            ids[c["id"]] = mid
-        for loc in sb.locations():
-            rec = record_from_api("location", loc)
-            mid = records.insert_mirror(conn, "location", loc["id"], rec, customer_mirror_id=ids.get(loc["customerId"]))
-            records.write_shadow(conn, "location", mid, loc["id"], rec)
+        # the pull's own insert (mirror rows and their shadows in one statement)
+        records.insert_pulled(conn, "customer", [(c["id"], record_from_api("customer", c), None)
+                                                 for c in sb.customers()])
+        ids.update(records.mirror_ids_by_st_id(conn, "customer", [c["id"] for c in sb.customers()]))
+        records.insert_pulled(conn, "location", [(loc["id"], record_from_api("location", loc),
+                                                  ids.get(loc["customerId"])) for loc in sb.locations()])
     return ids
 
 

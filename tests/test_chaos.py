@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from sync import embedded
-from sync.core.fields import FIELDS, TABLES, Entity, equal, record_from_api
+from sync.core.fields import FIELDS, NAMES, Entity, equal, record_from_api
 from sync.db import engine as db
 from sync.db import mirror as records
 from sync.sandbox import Fault, Sandbox, SandboxServer
@@ -73,7 +73,7 @@ def q(engine: Engine, sql: str, **params: Any) -> list[Any]:
 
 def mirror_records(engine: Engine, entity: Entity) -> dict[int, records.MirrorRow]:
     with engine.connect() as conn:
-        ids = [i for (i,) in conn.execute(text(f"SELECT id FROM {TABLES[entity]}"))]
+        ids = [i for (i,) in conn.execute(text(f"SELECT id FROM {NAMES[entity].table}"))]
         return {r.st_id: r for r in records.load_mirror(conn, entity, ids).values() if r.st_id is not None}
 
 
@@ -137,7 +137,7 @@ class RemoteEditor(threading.Thread):
 def error_rows(engine: Engine) -> set[tuple[str, int]]:
     """Records whose last push ended dead (their difference is explained by the recorded reason)."""
     return {(e, st) for e in ("customer", "location")
-            for (st,) in q(engine, f"SELECT st_id FROM {TABLES[e]} WHERE sync_status = 'error'")}  # type: ignore[index]
+            for (st,) in q(engine, f"SELECT st_id FROM {NAMES[e].table} WHERE sync_status = 'error'")}  # type: ignore[index]
 
 
 def safe(fn: Any, default: Any = None) -> Any:
@@ -181,7 +181,7 @@ def run_chaos(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         link_mirror(engine, sb)
         mirror_ids: dict[tuple[str, int], int] = {}
         for e in ("customer", "location"):
-            mirror_ids.update({(e, st): m for st, m in q(engine, f"SELECT st_id, id FROM {TABLES[e]}")})
+            mirror_ids.update({(e, st): m for st, m in q(engine, f"SELECT st_id, id FROM {NAMES[e].table}")})
         st_of = {(e, m): (e, st) for (e, st), m in mirror_ids.items()}
         initial_dns = {("customer", c["id"]): c["doNotService"] for c in sb.customers()}
         ctx = multiprocessing.get_context("spawn")
@@ -521,10 +521,10 @@ def test_bodies_whose_answers_were_lost_follow_the_record_into_the_row_queued_be
         engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
     import asyncio
 
+    from sync.core.diff import unconfirmed_versions
     from sync.servicetitan.client import ServiceTitanClient
     from sync.stages.detect import detect_all
     from sync.stages.dispatch import Dispatcher
-    from sync.stages.pull import unconfirmed_versions
     from tests.conftest import make_config
     from tests.pushkit import rows, sql, transport
 
@@ -550,8 +550,8 @@ def test_unconfirmed_bodies_from_before_the_list_format_are_kept_on_a_fold(
         engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
     # rows written before outbox.unconfirmed became a list hold one object each; a fold must keep both bodies
     # (a plain jsonb || of two objects would merge them key by key, and one body would be lost)
-    from sync.stages.dispatch import requeue
-    from sync.stages.pull import unconfirmed_versions
+    from sync.core.diff import unconfirmed_versions
+    from sync.db.outbox import requeue
     from tests.pushkit import rows, sql
 
     _, mids = small
@@ -570,10 +570,10 @@ def test_unconfirmed_bodies_from_before_the_list_format_are_kept_on_a_fold(
 def test_a_reclaimed_row_keeps_what_it_was_sending_as_possibly_applied(
         engine: Engine, database_url: str, small: tuple[Sandbox, dict[int, int]]) -> None:
     # a worker killed mid-request: ServiceTitan may still apply what it sent, so the pull must take it for ours
+    from sync.core.diff import unconfirmed_versions
     from sync.servicetitan.client import ServiceTitanClient
     from sync.stages.detect import detect_all
     from sync.stages.dispatch import Dispatcher
-    from sync.stages.pull import unconfirmed_versions
     from tests.conftest import make_config
     from tests.pushkit import rows, sql, transport
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from sync.config import Config
-from sync.core.fields import FIELDS, TABLES, Entity, equal, record_from_api
+from sync.core.fields import FIELDS, NAMES, Entity, equal, record_from_api
 from sync.db import mirror as records
 from sync.errors import ServiceTitanError
 from sync.sandbox import Sandbox, create_app
@@ -62,7 +62,7 @@ def run(engine: Engine, cfg: Config, sb: Sandbox, wrap: Any = None, *, feed: Ent
 def mirror(engine: Engine, entity: Entity) -> dict[int, records.MirrorRow]:
     """st_id -> mirror row (as canonical records)."""
     with engine.connect() as conn:
-        ids = [i for (i,) in conn.execute(text(f"SELECT id FROM {TABLES[entity]}"))]
+        ids = [i for (i,) in conn.execute(text(f"SELECT id FROM {NAMES[entity].table}"))]
         return {r.st_id: r for r in records.load_mirror(conn, entity, ids).values() if r.st_id is not None}
 
 
@@ -81,7 +81,7 @@ def assert_mirror_equals_sandbox(engine: Engine, sb: Sandbox) -> None:
     for entity, remote in (("customer", sb.customers()), ("location", sb.locations())):
         rows, shadow = mirror(engine, entity), shadows(engine, entity)
         with engine.connect() as conn:
-            count = conn.execute(text(f"SELECT count(*) FROM {TABLES[entity]}")).scalar_one()
+            count = conn.execute(text(f"SELECT count(*) FROM {NAMES[entity].table}")).scalar_one()
         assert count == len(rows) == len(remote) == len(shadow), entity  # no duplicates, no gaps
         for raw in remote:
             want = record_from_api(entity, raw)

@@ -4,53 +4,38 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection
 
-OUTBOX_STATES = ("pending", "in_flight", "succeeded", "dead", "superseded")
+from sync.core.fields import ENTITIES
+from sync.db import changelog, conflicts, cursors, mirror, outbox, tombstones
+from sync.db.outbox import STATES as OUTBOX_STATES
 
 
 def collect(conn: Connection) -> dict[str, Any]:
     """Counts per outbox state, backlog ages, local-only rows, tombstones, feed cursors, conflicts."""
-    counts = dict.fromkeys(OUTBOX_STATES, 0)
-    for state, n in conn.execute(text("SELECT state, count(*) FROM outbox GROUP BY state")):
-        counts[state] = n
-    oldest = conn.execute(
-        text("SELECT extract(epoch FROM now() - min(created_at)) FROM outbox WHERE state = 'pending'")
-    ).scalar()
-    change_log = conn.execute(text("SELECT count(*) FROM change_log")).scalar_one()
-    local_only = {
-        entity: conn.execute(text(f"SELECT count(*) FROM {table} WHERE st_id IS NULL")).scalar_one()
-        for entity, table in (("customer", "customers"), ("location", "locations"))
-    }
-    errors = {
-        entity: conn.execute(text(f"SELECT count(*) FROM {table} WHERE sync_error IS NOT NULL")).scalar_one()
-        for entity, table in (("customer", "customers"), ("location", "locations"))
-    }
-    tombstones = conn.execute(text("SELECT count(*) FROM tombstones")).scalar_one()
-    conflicts = conn.execute(text("SELECT count(*) FROM conflicts")).scalar_one()
-    cursors = {
-        feed: {
-            "continue_from": cont,
-            "initial_load_done": done,
-            "records_seen": seen,
-            "last_pull_at": last.isoformat() if last else None,
+    counts = outbox.count_by_state(conn)
+    oldest = outbox.oldest_pending_seconds(conn)
+    feeds = {
+        c["feed"]: {
+            "continue_from": c["continue_from"],
+            "initial_load_done": c["initial_load_done"],
+            "records_seen": c["records_seen"],
+            "last_pull_at": c["last_pull_at"].isoformat() if c["last_pull_at"] else None,
         }
-        for feed, cont, done, seen, last in conn.execute(
-            text("SELECT feed, continue_from, initial_load_done, records_seen, last_pull_at FROM feed_cursors")
-        )
+        for c in cursors.all_cursors(conn)
     }
-    last_pull = max((c["last_pull_at"] for c in cursors.values() if c["last_pull_at"]), default=None)
+    last_pull = max((c["last_pull_at"] for c in feeds.values() if c["last_pull_at"]), default=None)
     return {
         "outbox": counts,
-        "oldest_pending_seconds": round(float(oldest), 3) if oldest is not None else None,
+        "oldest_pending_seconds": round(oldest, 3) if oldest is not None else None,
         "dead": counts["dead"],
-        "change_log_backlog": change_log,
-        "local_only": local_only,
-        "rows_with_sync_error": errors,
-        "tombstones": tombstones,
-        "conflicts": conflicts,
+        "change_log_backlog": changelog.backlog(conn),
+        "local_only": {e: mirror.count_local_only(conn, e) for e in ENTITIES},
+        "rows_with_sync_error": {e: mirror.count_with_error(conn, e) for e in ENTITIES},
+        "tombstones": tombstones.count(conn),
+        "conflicts": conflicts.count(conn),
         "last_pull_at": last_pull,
-        "cursors": cursors,
+        "cursors": feeds,
     }
 
 

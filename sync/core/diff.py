@@ -27,6 +27,13 @@ def sent_values(diff: Any, local: Mapping[str, Any] | None = None) -> dict[str, 
     return {c: (v[1] if isinstance(v, list) and len(v) == 2 else local.get(c)) for c, v in diff.items()}
 
 
+def unconfirmed_versions(stored: Any) -> list[dict[str, Any]]:
+    """outbox.unconfirmed as a list of bodies ({column: value} each): a JSON array of them, one per attempt
+    whose answer was lost (migration 0004 rows may hold a single object)."""
+    items = stored if isinstance(stored, list) else [stored]
+    return [dict(v) for v in items if isinstance(v, dict) and v]
+
+
 def strip_key(data: Any, key: str) -> Any:
     """external_data without stsync's own mirror-id key (it is managed by stsync, never diffed)."""
     if isinstance(data, Mapping) and key in data:

@@ -22,8 +22,39 @@ from typing import Any, Literal
 
 Entity = Literal["customer", "location"]
 ENTITIES: tuple[Entity, ...] = ("customer", "location")
-TABLES: dict[Entity, str] = {"customer": "customers", "location": "locations"}
-API_COLLECTIONS: dict[Entity, str] = {"customer": "customers", "location": "locations"}
+
+
+@dataclass(frozen=True)
+class Names:
+    """What one entity is called in each place (the one mapping; the sandbox, ServiceTitan's side, has its own)."""
+
+    table: str
+    """The mirror table."""
+    collection: str
+    """The API collection: ``/crm/v2/tenant/{tenant}/<collection>/{id}``."""
+    feed: str
+    """The export feed (``/export/<feed>``) and its ``feed_cursors.feed``."""
+
+
+NAMES: dict[Entity, Names] = {
+    "customer": Names(table="customers", collection="customers", feed="customers"),
+    "location": Names(table="locations", collection="locations", feed="locations"),
+}
+
+CUSTOMER_LINK = "customer_st_id"
+"""A location's customer in canonical records: ServiceTitan's customerId. The mirror stores the mirror's own
+``customers.id`` in ``locations.customer_id`` instead; ``db_column`` names the column, the database layer
+translates the value."""
+
+
+def db_column(column: str) -> str:
+    """The mirror column that stores a canonical record's ``column``."""
+    return "customer_id" if column == CUSTOMER_LINK else column
+
+
+NOT_NULL_BOOLS: dict[str, bool] = {"active": True, "do_not_mail": False, "do_not_service": False}
+"""Mirror columns declared NOT NULL with these defaults: a missing remote value becomes the default everywhere
+(mirror and shadow alike), so it never shows as a local diff."""
 
 Kind = Literal["text", "float", "bool", "int", "timestamp", "id_list", "custom_fields", "external_data"]
 
@@ -70,7 +101,7 @@ CUSTOMER_FIELDS: tuple[Field, ...] = (
 )
 
 LOCATION_FIELDS: tuple[Field, ...] = (
-    Field("customer_st_id", "customerId", "int"),
+    Field(CUSTOMER_LINK, "customerId", "int"),
     Field("name", "name", "text"),
     *_address_fields(),
     Field("active", "active", "bool"),

@@ -15,7 +15,7 @@ from typing import Any
 
 from sync.core import openapi
 from sync.core.diff import Diff, strip_key
-from sync.core.fields import BY_COLUMN, Entity, address_columns
+from sync.core.fields import BY_COLUMN, CUSTOMER_LINK, Entity, address_columns, db_column
 
 # API property (first path segment of a validation error) -> mirror column(s) to fix
 _ADDRESS_API = "address"
@@ -36,14 +36,15 @@ class Patch:
         return "; ".join(f"{col}: {' '.join(msgs)}" for col, msgs in sorted(self.problems.items()))
 
 
-def _api_to_column(entity: Entity, path: str) -> str:
+def api_to_column(entity: Entity, path: str) -> str:
+    """The mirror column a field path of a request body or a ServiceTitan error names (``address.zip`` -> ``zip``)."""
     head = path.split(".", 1)[0].split("[", 1)[0]
     if head == _ADDRESS_API:
         part = path.split(".", 2)[1].split("[", 1)[0] if "." in path else ""
         return part if part in address_columns(entity) else "address"
     for f in BY_COLUMN[entity].values():
         if f.api == head and not f.address:
-            return "customer_id" if f.column == "customer_st_id" else f.column
+            return db_column(f.column)
     return head
 
 
@@ -94,9 +95,9 @@ def build_patch(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, 
             body[f.api] = sorted(items, key=lambda i: i["typeId"])
         elif f.kind == "external_data":
             continue  # below: always sent
-        elif col == "customer_st_id":
+        elif col == CUSTOMER_LINK:
             if value is None:
-                problems.setdefault("customer_id", []).append(
+                problems.setdefault(db_column(col), []).append(
                     "the location's customer is not in ServiceTitan (its customers.st_id is empty)")
             body[f.api] = value
         else:
@@ -119,7 +120,7 @@ def build_patch(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, 
     body["externalData"] = {"patchMode": "Merge", "applicationGuid": application_guid, "externalData": entries}
 
     for path, messages in openapi.validate(openapi.UPDATE_SCHEMAS[entity], body).items():
-        col = _api_to_column(entity, path)
+        col = api_to_column(entity, path)
         if col in problems:
             continue  # already explained in our own words
         problems.setdefault(col, []).extend(messages)

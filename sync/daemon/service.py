@@ -18,22 +18,24 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
 
 from sync.config import Config
-from sync.daemon.observability import Metrics
-from sync.db import engine as db
+from sync.daemon.health import Probes, serve
+from sync.daemon.listener import NotifyListener
+from sync.daemon.metrics import Metrics
 from sync.db import workers as workers_mod
+from sync.db.engine import check_current, make_engine, notify_channel, ping
 from sync.errors import AuthError, DatabaseError, MigrationRequiredError, StsyncError
 from sync.log import get_logger
 from sync.servicetitan import client as client_mod
 from sync.servicetitan.client import ServiceTitanClient
 from sync.stages.detect import detect_all, preview
 from sync.stages.dispatch import Dispatcher
+from sync.stages.housekeeping import prune
+from sync.stages.pull import pull
 
 log = get_logger("stsync.daemon")
 
@@ -41,43 +43,6 @@ log = get_logger("stsync.daemon")
 def worker_id() -> str:
     """Identifies this process in leases and attempt history."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-
-
-class NotifyListener:
-    """LISTENs on the schema's change channel in a thread and calls ``on_notify`` (thread-safe) per wake-up."""
-
-    def __init__(self, url: str, channel: str, on_notify: Any) -> None:
-        u = make_url(db.normalize_url(url)).set(drivername="postgresql")
-        self._dsn = u.render_as_string(hide_password=False)
-        self._channel = channel
-        self._on_notify = on_notify
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stsync-listen", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-    def _run(self) -> None:
-        backoff = 1.0
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
-                    conn.execute(f'LISTEN "{self._channel}"')
-                    backoff = 1.0
-                    self._on_notify()  # catch up on anything committed while we were not listening
-                    while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=0.5):
-                            self._on_notify()
-                            break
-            except psycopg.Error as exc:
-                log.warning("listen.disconnected", error=str(exc).splitlines()[0] if str(exc) else "",
-                            retry_in_s=backoff)
-                self._stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
 
 
 class Daemon:
@@ -89,7 +54,7 @@ class Daemon:
         self.dry_run = dry_run
         self.worker = worker_id()
         self._owns_engine = engine is None
-        self.engine = engine or db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
+        self.engine = engine or make_engine(cfg.database_url(), cfg.db_schema, pool_size=cfg.database.pool_size)
         self.transport = transport
         self.scheduler: AsyncIOScheduler | None = None
         self.stopping = asyncio.Event()
@@ -98,7 +63,7 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.attach_database(self.engine)
         self.metrics.watch_limiter(self.client.limiter)
-        self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, metrics=self.metrics)
+        self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, on_answer=self.metrics.record_answer)
         self._running: set[asyncio.Task[Any]] = set()
         self._active: set[str] = set()
         """Scheduler jobs running right now (by job id)."""
@@ -138,10 +103,6 @@ class Daemon:
         return await self._guard("pull", self._pull())
 
     async def _pull(self) -> dict[str, Any]:
-        try:
-            from sync.stages.pull import pull
-        except ImportError:
-            return {}
         result: dict[str, Any] = await pull(self.engine, self.client, self.cfg, progress=self._progress)
         if self._progress_shown:
             sys.stderr.write("\n")
@@ -195,9 +156,7 @@ class Daemon:
 
     async def workers_job(self) -> dict[str, Any]:
         """Heartbeat; take this replica's share of the tenant's request budget."""
-        from sync.db import workers
-
-        live = await asyncio.to_thread(workers.heartbeat, self.engine, self.worker)
+        live = await asyncio.to_thread(workers_mod.heartbeat, self.engine, self.worker)
         rate = self.cfg.servicetitan.requests_per_second * client_mod.RATE_HEADROOM / live
         if abs(rate - self.client.limiter.ceiling) > 1e-9:
             self.client.limiter.set_rate(rate)
@@ -212,8 +171,6 @@ class Daemon:
     async def housekeeping_job(self) -> dict[str, Any]:
         if self.dry_run:
             return {}
-        from sync.stages.housekeeping import prune
-
         return await self._guard("housekeeping", asyncio.to_thread(
             prune, self.engine, self.cfg.housekeeping.retain_days))
 
@@ -244,6 +201,9 @@ class Daemon:
 
         run.__name__ = getattr(job, "__name__", "job")
         return run
+
+    def _wake_from_thread(self, loop: asyncio.AbstractEventLoop, job_id: str) -> None:
+        loop.call_soon_threadsafe(self.wake, job_id)
 
     def wake(self, job_id: str) -> None:
         """Run a job now (coalesced with a run already due); safe from the event loop only."""
@@ -281,17 +241,15 @@ class Daemon:
             sched.add_job(self._tracked(fn, job_id), "interval", seconds=every, id=job_id,
                           **({"next_run_time": datetime.now(UTC)} if at_once else {}))
         self.scheduler = sched
-        listener = NotifyListener(self.cfg.database_url(), db.notify_channel(self.cfg.db_schema),
-                                  lambda: loop.call_soon_threadsafe(self.wake, "detect"))
+        listener = NotifyListener(self.cfg.database_url(), notify_channel(self.cfg.db_schema),
+                                  lambda: self._wake_from_thread(loop, "detect"))
         if not self.dry_run:
             await self.workers_job_guarded()  # know the replica count before the first request
         sched.start()
         listener.start()
         http = None
         if self.cfg.observability.listen:
-            from sync.daemon.observability import serve
-
-            http = asyncio.create_task(serve(self, self.cfg.observability.listen))
+            http = asyncio.create_task(serve(self.probes(), self.cfg.observability.listen, self.stopping))
         self.log.info("daemon.started", dry_run=self.dry_run, schema=self.cfg.db_schema,
                       listen=self.cfg.observability.listen)
         try:
@@ -311,6 +269,20 @@ class Daemon:
             await self.close()
             self.log.info("daemon.stopped")
 
+    def probes(self) -> Probes:
+        """What /healthz, /readyz and /metrics look at."""
+
+        def database() -> None:
+            with self.engine.connect() as conn:
+                ping(conn)
+
+        def scheduler_running() -> bool:
+            sched = self.scheduler
+            return sched is not None and sched.running and not self.stopping.is_set()
+
+        return Probes(worker=self.worker, database=database, token=self.client.token,
+                      scheduler_running=scheduler_running, registry=self.metrics.registry)
+
     async def close(self) -> None:
         await self.client.aclose()
         if self._owns_engine:
@@ -323,12 +295,12 @@ def wait_for_database(cfg: Config, stop: threading.Event, *, max_backoff: float 
     An unreachable database is waited out with backoff (logged once per try), so an outage at start is not a
     crash loop; a schema that needs `stsync migrate` is an error at once.
     """
-    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
+    engine = make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
     backoff = 1.0
     try:
         while True:
             try:
-                db.check_current(engine, cfg.db_schema)
+                check_current(engine, cfg.db_schema)
                 return True
             except MigrationRequiredError:
                 raise
@@ -355,8 +327,8 @@ def run_daemon(cfg: Config, *, dry_run: bool = False) -> None:
 
 
 def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:
-    engine = db.make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
-    db.check_current(engine, cfg.db_schema)
+    engine = make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
+    check_current(engine, cfg.db_schema)
     engine.dispose()
 
     async def _main() -> dict[str, Any]:

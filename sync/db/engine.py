@@ -1,4 +1,5 @@
-"""The database edge: engines, the stsync schema on the search path, migrations, the trigger bypass."""
+"""The database itself: engines with the stsync schema on the search path, connections, migrations, the trigger
+bypass and the wake-up channel."""
 
 from __future__ import annotations
 
@@ -47,6 +48,16 @@ def make_engine(url: str, schema: str, pool_size: int = 5, application_name: str
         dbapi_conn.commit()
 
     return engine
+
+
+def notify(conn: Connection, payload: str) -> None:
+    """Wake the daemons listening on this schema's channel (delivered when the transaction commits)."""
+    conn.execute(text("SELECT pg_notify(current_schema() || '_changes', :p)"), {"p": payload})
+
+
+def ping(conn: Connection) -> None:
+    """A round trip: raises when the database does not answer."""
+    conn.execute(text("SELECT 1"))
 
 
 def bypass_triggers(conn: Connection) -> None:

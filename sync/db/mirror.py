@@ -1,36 +1,42 @@
-"""The database edge for records: mirror rows and shadows in and out as canonical records (sync.fields).
+"""The mirror tables (``customers``, ``locations``): rows in and out as canonical records (sync.core.fields).
 
-Shared by detect, dispatch and pull. Callers own the transaction; writes that must not be logged as local
-changes need ``sync.db.bypass_triggers(conn)`` first.
+The one writer of the mirror tables by stsync, and so the one owner of ``sync_status`` (every value, who sets it
+and when: docs/schema.md). Callers own the transaction; writes that must not be logged as local changes need
+``sync.db.engine.bypass_triggers(conn)`` first. A location's customer is ``customer_st_id`` (ServiceTitan's id) in
+a record and ``customer_id`` (the mirror's id) in the table: translated here, on the way in and out.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY, BIGINT, JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 
-from sync.core.fields import BY_COLUMN, FIELDS, TABLES, Entity, canonical
+from sync.core.fields import BY_COLUMN, CUSTOMER_LINK, FIELDS, NAMES, NOT_NULL_BOOLS, Entity, Kind, canonical, db_column
 
+_IDS = bindparam("ids", type_=ARRAY(BIGINT))
 _JSON_KINDS = ("custom_fields", "external_data")
+_SQL_TYPES: dict[Kind, str] = {
+    "text": "text", "float": "double precision", "bool": "boolean", "int": "bigint", "timestamp": "timestamptz",
+    "id_list": "bigint[]", "custom_fields": "jsonb", "external_data": "jsonb",
+}
 
-
-def _db_columns(entity: Entity) -> list[str]:
-    return [("customer_id" if f.column == "customer_st_id" else f.column) for f in FIELDS[entity]]
+SyncStatus = Literal["synced", "pending", "error", "local_only", "discarded"]
+"""Every value of ``sync_status`` (docs/schema.md has the state table)."""
 
 
 def _select_sql(entity: Entity) -> str:
     cols = []
     for f in FIELDS[entity]:
-        if f.column == "customer_st_id":
-            cols.append("(SELECT c.st_id FROM customers c WHERE c.id = m.customer_id) AS customer_st_id")
+        if f.column == CUSTOMER_LINK:
+            cols.append(f"(SELECT c.st_id FROM customers c WHERE c.id = m.customer_id) AS {CUSTOMER_LINK}")
         else:
             cols.append(f"m.{f.column}")
-    return f"SELECT m.id, m.st_id, {', '.join(cols)} FROM {TABLES[entity]} m"
+    return f"SELECT m.id, m.st_id, {', '.join(cols)} FROM {NAMES[entity].table} m"
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class MirrorRow:
     mirror_id: int
     st_id: int | None
     record: dict[str, Any]
-    """Canonical values (sync.fields); for locations ``customer_st_id`` is None if the customer is local-only."""
+    """Canonical values (sync.core.fields); for locations ``customer_st_id`` is None if the customer is local-only."""
     customer_id: int | None = None
     """Locations: the mirror's customer_id as stored."""
 
@@ -54,6 +60,9 @@ def _row_to_record(entity: Entity, row: Any) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ reads
+
+
 def load_mirror(conn: Connection, entity: Entity, mirror_ids: Iterable[int], *,
                 for_update: bool = False) -> dict[int, MirrorRow]:
     ids = list(mirror_ids)
@@ -63,7 +72,7 @@ def load_mirror(conn: Connection, entity: Entity, mirror_ids: Iterable[int], *,
     if entity == "location":
         sql = sql.replace("SELECT m.id,", "SELECT m.id, m.customer_id AS mirror_customer_id,", 1)
     sql += " WHERE m.id = ANY(:ids)" + (" FOR UPDATE OF m" if for_update else "")
-    rows = conn.execute(text(sql).bindparams(bindparam("ids", type_=ARRAY(BIGINT))), {"ids": ids}).mappings()
+    rows = conn.execute(text(sql).bindparams(_IDS), {"ids": ids}).mappings()
     return {
         r["id"]: MirrorRow(r["id"], r["st_id"], _row_to_record(entity, r),
                            r["mirror_customer_id"] if entity == "location" else None)
@@ -71,47 +80,36 @@ def load_mirror(conn: Connection, entity: Entity, mirror_ids: Iterable[int], *,
     }
 
 
-def load_shadows(conn: Connection, entity: Entity, mirror_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
-    ids = list(mirror_ids)
-    if not ids:
-        return {}
-    rows = conn.execute(
-        text("SELECT mirror_id, data FROM shadow WHERE entity = :e AND mirror_id = ANY(:ids)")
-        .bindparams(bindparam("ids", type_=ARRAY(BIGINT))),
-        {"e": entity, "ids": ids},
-    )
-    return {mid: dict(data) for mid, data in rows}
-
-
-def write_shadow(conn: Connection, entity: Entity, mirror_id: int, st_id: int, record: Mapping[str, Any]) -> None:
-    """shadow := record (the values both sides now agree on)."""
-    conn.execute(
-        text("""INSERT INTO shadow (entity, mirror_id, st_id, data, modified_on, updated_at)
-                VALUES (:e, :m, :s, :d, CAST(:mod AS timestamptz), now())
-                ON CONFLICT (entity, mirror_id) DO UPDATE
-                SET st_id = EXCLUDED.st_id, data = EXCLUDED.data, modified_on = EXCLUDED.modified_on,
-                    updated_at = now()""").bindparams(bindparam("d", type_=JSONB)),
-        {"e": entity, "m": mirror_id, "s": st_id, "d": dict(record), "mod": record.get("modified_on")},
-    )
+def lock(conn: Connection, entity: Entity, mirror_ids: Iterable[int]) -> None:
+    """Lock these rows in id order (two pulls never deadlock; no local write slips between read and write)."""
+    conn.execute(text(f"SELECT id FROM {NAMES[entity].table} WHERE id = ANY(:ids) ORDER BY id FOR UPDATE")
+                 .bindparams(_IDS), {"ids": sorted(mirror_ids)})
 
 
 def customer_mirror_ids(conn: Connection, st_ids: Iterable[int]) -> dict[int, int]:
     """ServiceTitan customer id -> mirror customers.id, for those in the mirror."""
-    ids = list({i for i in st_ids if i is not None})
-    if not ids:
-        return {}
-    rows = conn.execute(text("SELECT st_id, id FROM customers WHERE st_id = ANY(:ids)")
-                        .bindparams(bindparam("ids", type_=ARRAY(BIGINT))), {"ids": ids})
-    return {s: m for s, m in rows}
+    return mirror_ids_by_st_id(conn, "customer", (i for i in st_ids if i is not None))
 
 
 def mirror_ids_by_st_id(conn: Connection, entity: Entity, st_ids: Iterable[int]) -> dict[int, int]:
     ids = list(set(st_ids))
     if not ids:
         return {}
-    rows = conn.execute(text(f"SELECT st_id, id FROM {TABLES[entity]} WHERE st_id = ANY(:ids)")
-                        .bindparams(bindparam("ids", type_=ARRAY(BIGINT))), {"ids": ids})
+    rows = conn.execute(text(f"SELECT st_id, id FROM {NAMES[entity].table} WHERE st_id = ANY(:ids)")
+                        .bindparams(_IDS), {"ids": ids})
     return {s: m for s, m in rows}
+
+
+def count_local_only(conn: Connection, entity: Entity) -> int:
+    return int(conn.execute(text(f"SELECT count(*) FROM {NAMES[entity].table} WHERE st_id IS NULL")).scalar_one())
+
+
+def count_with_error(conn: Connection, entity: Entity) -> int:
+    return int(conn.execute(
+        text(f"SELECT count(*) FROM {NAMES[entity].table} WHERE sync_error IS NOT NULL")).scalar_one())
+
+
+# ------------------------------------------------------------------------------------------------ values
 
 
 def _db_value(entity: Entity, column: str, value: Any) -> tuple[str, Any, Any]:
@@ -126,60 +124,143 @@ def _db_value(entity: Entity, column: str, value: Any) -> tuple[str, Any, Any]:
     return column, value, None
 
 
+_STATUS_SQL: dict[str, str] = {
+    "synced": "sync_status = 'synced', sync_error = NULL, synced_at = now()",
+    "pending": "sync_status = 'pending'",
+}
+
+
 def update_mirror(conn: Connection, entity: Entity, mirror_id: int, values: Mapping[str, Any], *,
-                  customer_mirror_id: int | None = None, extra_sql: str = "") -> None:
+                  customer_mirror_id: int | None = None, status: Literal["synced", "pending"] | None = None) -> None:
     """Set mirror columns from canonical values. ``customer_st_id`` needs ``customer_mirror_id`` resolved.
 
-    ``extra_sql`` adds raw assignments (e.g. ``sync_status = 'synced'``) to the same UPDATE.
+    ``status``: set ``sync_status`` in the same UPDATE (``synced`` also clears ``sync_error`` and stamps
+    ``synced_at``).
     """
     sets: list[str] = []
     params: dict[str, Any] = {"mid": mirror_id}
     for i, (column, value) in enumerate(values.items()):
-        if column == "customer_st_id":
-            sets.append(f"customer_id = :p{i}")
+        if column == CUSTOMER_LINK:
+            sets.append(f"{db_column(column)} = :p{i}")
             params[f"p{i}"] = customer_mirror_id
             continue
         col, v, cast = _db_value(entity, column, value)
         sets.append(f"{col} = CAST(:p{i} AS {cast})" if cast else f"{col} = :p{i}")
         params[f"p{i}"] = v
-    if extra_sql:
-        sets.append(extra_sql)
+    if status is not None:
+        sets.append(_STATUS_SQL[status])
     if not sets:
         return
-    conn.execute(text(f"UPDATE {TABLES[entity]} SET {', '.join(sets)} WHERE id = :mid"), params)
+    conn.execute(text(f"UPDATE {NAMES[entity].table} SET {', '.join(sets)} WHERE id = :mid"), params)
 
 
-def insert_mirror(conn: Connection, entity: Entity, st_id: int, record: Mapping[str, Any], *,
-                  customer_mirror_id: int | None = None) -> int:
-    """Insert a record pulled from ServiceTitan; returns the new mirror id."""
-    cols = ["st_id", "sync_status", "synced_at"]
-    vals = [":st_id", "'synced'", "now()"]
-    params: dict[str, Any] = {"st_id": st_id}
-    for i, (column, value) in enumerate(record.items()):
-        if column == "customer_st_id":
-            cols.append("customer_id")
-            vals.append(f":p{i}")
-            params[f"p{i}"] = customer_mirror_id
-            continue
-        if column not in BY_COLUMN[entity]:
-            continue
-        col, v, cast = _db_value(entity, column, value)
-        if v is None and BY_COLUMN[entity][column].kind == "bool":
-            continue  # NOT NULL DEFAULT
-        cols.append(col)
-        vals.append(f"CAST(:p{i} AS {cast})" if cast else f":p{i}")
-        params[f"p{i}"] = v
-    sql = f"INSERT INTO {TABLES[entity]} ({', '.join(cols)}) VALUES ({', '.join(vals)}) RETURNING id"
-    return int(conn.execute(text(sql), params).scalar_one())
+# ------------------------------------------------------------------------------------------------ the pull
 
 
-def log_recheck(conn: Connection, entity: Entity, mirror_ids: Iterable[int]) -> None:
-    """Ask detect to re-diff these records (used where stsync's own writes leave mirror != shadow)."""
-    ids = list(mirror_ids)
-    if ids:
-        conn.execute(
-            text("INSERT INTO change_log (entity, mirror_id, op) SELECT :e, unnest(CAST(:ids AS bigint[])), 'R'"),
-            {"e": entity, "ids": ids},
-        )
-        # stsync's own writes bypass the NOTIFY trigger: wake detect explicitly (delivered at commit)
-        conn.execute(text("SELECT pg_notify(current_schema() || '_changes', 'recheck')"))
+def _recordset(entity: Entity, columns: Sequence[str], extra: str) -> str:
+    """``r(col type, ...)`` for jsonb_to_recordset; ``customer_st_id`` carries the customer's mirror id."""
+    defs = [f"{c} bigint" if c == CUSTOMER_LINK else f"{c} {_SQL_TYPES[BY_COLUMN[entity][c].kind]}"
+            for c in columns]
+    return "r(" + ", ".join([*defs, extra]) + ")"
+
+
+def insert_pulled(conn: Connection, entity: Entity,
+                  inserts: Sequence[tuple[int, Mapping[str, Any], int | None]]) -> int:
+    """New records from ServiceTitan: ``(st_id, canonical record, customer mirror id)`` each. One statement
+    writes the mirror rows (``synced``) and their shadows (the record itself). Returns the rows inserted."""
+    if not inserts:
+        return 0
+    table = NAMES[entity].table
+    # a shadow left behind by a mirror row deleted earlier would collide with the new row's
+    conn.execute(text("DELETE FROM shadow WHERE entity = :e AND st_id = ANY(:ids)").bindparams(_IDS),
+                 {"e": entity, "ids": [s for s, _, _ in inserts]})
+    # one statement: the mirror rows, then their shadows (the same JSON element minus our two keys)
+    columns = tuple(f.column for f in FIELDS[entity])
+    rows = []
+    for st_id, rec, customer_mid in inserts:
+        row = dict(rec)
+        row["stsync_st_id"] = st_id
+        if entity == "location":
+            row["stsync_customer_id"] = customer_mid
+        rows.append(row)
+    values = []
+    for c in columns:
+        if c == CUSTOMER_LINK:
+            values.append("r.stsync_customer_id")
+        elif c in NOT_NULL_BOOLS:
+            values.append(f"coalesce(r.{c}, {str(NOT_NULL_BOOLS[c]).lower()})")
+        else:
+            values.append(f"r.{c}")
+    return int(conn.execute(
+        text(f"""WITH src AS (SELECT e FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS e),
+                 ins AS (
+                     INSERT INTO {table} (st_id, sync_status, synced_at, {', '.join(map(db_column, columns))})
+                     SELECT r.stsync_st_id, 'synced', now(), {', '.join(values)}
+                     FROM src CROSS JOIN LATERAL jsonb_to_record(src.e)
+                          AS {_recordset(entity, columns, 'stsync_st_id bigint, stsync_customer_id bigint')}
+                     RETURNING id, st_id)
+                 INSERT INTO shadow (entity, mirror_id, st_id, data, modified_on, updated_at)
+                 SELECT :e, ins.id, ins.st_id, src.e - 'stsync_st_id' - 'stsync_customer_id',
+                        CAST(src.e ->> 'modified_on' AS timestamptz), now()
+                 FROM ins JOIN src ON CAST(src.e ->> 'stsync_st_id' AS bigint) = ins.st_id"""),
+        {"rows": json.dumps(rows), "e": entity},
+    ).rowcount)
+
+
+def update_pulled(conn: Connection, entity: Entity, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """The same set of columns for many records (one statement). Each row holds those canonical values (a
+    location's ``customer_st_id`` as the customer's *mirror* id), ``stsync_id`` (the mirror id) and
+    ``stsync_synced`` (True: nothing left to push, the row becomes ``synced``; False: its status is kept)."""
+    sets = [f"{db_column(c)} = r.{c}" for c in columns]
+    sets += ["sync_status = CASE WHEN r.stsync_synced THEN 'synced' ELSE m.sync_status END",
+             "synced_at = CASE WHEN r.stsync_synced THEN now() ELSE m.synced_at END"]
+    conn.execute(
+        text(f"""UPDATE {NAMES[entity].table} AS m SET {', '.join(sets)}
+                 FROM jsonb_to_recordset(CAST(:rows AS jsonb))
+                      AS {_recordset(entity, columns, 'stsync_id bigint, stsync_synced boolean')}
+                 WHERE m.id = r.stsync_id"""),
+        {"rows": json.dumps(list(rows))},
+    )
+
+
+# ------------------------------------------------------------------------------------------------ sync_status
+
+
+def mark_synced_if_pending(conn: Connection, entity: Entity, mirror_ids: Sequence[int]) -> None:
+    """Detect found nothing to send for these records."""
+    conn.execute(text(f"UPDATE {NAMES[entity].table} SET sync_status = 'synced' "
+                      "WHERE id = ANY(:ids) AND sync_status = 'pending'").bindparams(_IDS),
+                 {"ids": list(mirror_ids)})
+
+
+def mark_pending(conn: Connection, entity: Entity, mirror_ids: Sequence[int]) -> None:
+    """A request for these records is queued (detect), or local values are still to be pushed (dispatch)."""
+    conn.execute(text(f"UPDATE {NAMES[entity].table} SET sync_status = 'pending' "
+                      "WHERE id = ANY(:ids) AND sync_status <> 'pending'").bindparams(_IDS),
+                 {"ids": list(mirror_ids)})
+
+
+def mark_local_only(conn: Connection, entity: Entity, mirror_ids: Sequence[int], error: str) -> int:
+    """Rows without a ServiceTitan record (no st_id or never pulled); returns how many newly became so."""
+    return int(conn.execute(
+        text(f"""UPDATE {NAMES[entity].table} SET sync_status = 'local_only', sync_error = CAST(:err AS jsonb)
+                 WHERE id = ANY(:ids) AND sync_status IS DISTINCT FROM 'local_only'""").bindparams(_IDS),
+        {"ids": list(mirror_ids), "err": error}).rowcount)
+
+
+def mark_error(conn: Connection, entity: Entity, mirror_id: int, error: str) -> None:
+    """The record's change ended dead (rejected before sending, or by ServiceTitan): ``error`` is JSON text."""
+    conn.execute(text(f"UPDATE {NAMES[entity].table} SET sync_status = 'error', sync_error = CAST(:err AS jsonb) "
+                      "WHERE id = :m"), {"m": mirror_id, "err": error})
+
+
+def mark_retried(conn: Connection, entity: Entity, mirror_id: int) -> None:
+    """An operator sends the record's dead change again."""
+    conn.execute(text(f"UPDATE {NAMES[entity].table} SET sync_status = 'pending', sync_error = NULL WHERE id = :m"),
+                 {"m": mirror_id})
+
+
+def mark_discarded(conn: Connection, entity: Entity, mirror_id: int, error: str) -> None:
+    """An operator closed the record's change without sending it."""
+    conn.execute(text(f"UPDATE {NAMES[entity].table} SET sync_status = 'discarded', sync_error = CAST(:e AS jsonb) "
+                      "WHERE id = :m"), {"m": mirror_id, "e": error})

@@ -22,28 +22,30 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
-from sqlalchemy import Connection, Engine, bindparam, text
-from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
+from sqlalchemy import Connection, Engine
 
 from sync.config import Config
-from sync.core import openapi
-from sync.core.diff import sent_values
-from sync.core.fields import BY_COLUMN, ENTITIES, FIELDS, TABLES, Entity, Kind, parse_timestamp, record_from_api
+from sync.core.diff import sent_values, unconfirmed_versions
+from sync.core.export import Page, missing_fields, newer, normalise, parse_page, without_nul
+from sync.core.fields import (
+    CUSTOMER_LINK,
+    ENTITIES,
+    NAMES,
+    Entity,
+    parse_timestamp,
+    record_from_api,
+)
 from sync.core.merge import MergeResult, Policy, is_echo, is_stale, merge
 from sync.core.retry import Outcome, backoff_seconds, classify
-from sync.db import engine as db
-from sync.db import mirror as records
+from sync.db import changelog, conflicts, cursors, mirror, outbox, shadow, tombstones
+from sync.db.engine import bypass_triggers, connect
 from sync.errors import ServiceTitanError
 from sync.log import get_logger
 from sync.servicetitan.client import ApiResponse, ServiceTitanClient
 
 _log = get_logger("stsync.pull")
-
-FEEDS: dict[Entity, str] = {"customer": "customers", "location": "locations"}
-"""Feed name (``feed_cursors.feed``) and export collection per entity."""
 
 PULL_ATTEMPTS = 4
 """Tries per export page / customer GET on transient failures (5xx, timeouts) before the pull gives up."""
@@ -52,16 +54,6 @@ CUSTOMER_FETCH_CONCURRENCY = 8
 
 ProgressCallback = Callable[[str, int, float], None]
 """``progress(feed, records_so_far, records_per_second)``, called after each page."""
-
-_SQL_TYPES: dict[Kind, str] = {
-    "text": "text", "float": "double precision", "bool": "boolean", "int": "bigint", "timestamp": "timestamptz",
-    "id_list": "bigint[]", "custom_fields": "jsonb", "external_data": "jsonb",
-}
-_NOT_NULL_BOOLS: dict[str, bool] = {"active": True, "do_not_mail": False, "do_not_service": False}
-"""Mirror columns declared NOT NULL with these defaults: a missing remote value becomes the default everywhere
-(mirror and shadow alike), so it never shows as a local diff."""
-_IDS = bindparam("ids", type_=ARRAY(BIGINT))
-
 
 class CursorMovedError(Exception):
     """Another pull (a second replica) advanced this feed meanwhile: this one stops, nothing is applied twice."""
@@ -89,13 +81,6 @@ class FeedStats:
             setattr(self, k, getattr(self, k) + v)
 
 
-@dataclass(frozen=True)
-class Page:
-    has_more: bool
-    continue_from: str | None
-    data: list[Any]
-
-
 @dataclass
 class _Work:
     """What one page writes, collected before any write."""
@@ -121,14 +106,14 @@ async def pull(engine: Engine, client: ServiceTitanClient, cfg: Config, *, log: 
     last page applied.
     """
     lg = log or _log
-    return {FEEDS[e]: await pull_feed(engine, client, cfg, e, log=lg, progress=progress) for e in ENTITIES}
+    return {NAMES[e].feed: await pull_feed(engine, client, cfg, e, log=lg, progress=progress) for e in ENTITIES}
 
 
 async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, entity: Entity, *,
                     log: Any = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Follow one export feed until ``hasMore`` is false; one transaction per page."""
     lg = log or _log
-    feed = FEEDS[entity]
+    feed = NAMES[entity].feed
     stored, initial_done = await asyncio.to_thread(_read_cursor, engine, feed)
     token = stored or (None if initial_done else cfg.sync.initial_from)
     totals = FeedStats()
@@ -219,18 +204,6 @@ async def _fetch_page(client: ServiceTitanClient, cfg: Config, feed: str, token:
     return parse_page(feed, resp.body)
 
 
-def parse_page(feed: str, body: Any) -> Page:
-    """An export answer as a Page; ServiceTitanError (one line) when it is not ``{hasMore, continueFrom, data}``."""
-    if not (isinstance(body, dict) and isinstance(body.get("hasMore"), bool) and isinstance(body.get("data"), list)
-            and isinstance(body.get("continueFrom"), str | None) and "continueFrom" in body):
-        got = sorted(body)[:6] if isinstance(body, dict) else type(body).__name__
-        raise ServiceTitanError(f"GET /export/{feed} answered a body that is not {{hasMore, continueFrom, data}} "
-                                f"(got {got})", body=body if isinstance(body, dict) else None)
-    if body["hasMore"] and not body["continueFrom"]:
-        raise ServiceTitanError(f"GET /export/{feed} answered hasMore=true without a continueFrom token")
-    return Page(body["hasMore"], body["continueFrom"] or None, body["data"])
-
-
 async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, cfg: Config, data: list[Any],
                                    log: Any) -> dict[int, dict[str, Any] | None]:
     """GET the customers this location page refers to that the mirror lacks: st_id -> record (None: 404)."""
@@ -240,8 +213,8 @@ async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, c
         return {}
 
     def known() -> set[int]:
-        with db.connect(engine) as conn:
-            return set(records.customer_mirror_ids(conn, ids))
+        with connect(engine) as conn:
+            return set(mirror.customer_mirror_ids(conn, ids))
 
     missing = sorted(ids - await asyncio.to_thread(known))
     if not missing:
@@ -258,7 +231,7 @@ async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, c
             raise ServiceTitanError(f"GET /customers/{st_id} answered {_describe(resp)}", status=resp.status,
                                     body=resp.body)
         log.info("pull.customer_fetched", customer_st_id=st_id)
-        return st_id, _normalise(record_from_api("customer", resp.body))
+        return st_id, normalise(record_from_api("customer", resp.body))
 
     return dict(await asyncio.gather(*(one(i) for i in missing)))
 
@@ -267,38 +240,20 @@ async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, c
 
 
 def _read_cursor(engine: Engine, feed: str) -> tuple[str | None, bool]:
-    with db.connect(engine) as conn, conn.begin():
-        conn.execute(text("INSERT INTO feed_cursors (feed) VALUES (:f) ON CONFLICT (feed) DO NOTHING"), {"f": feed})
-        row = conn.execute(text("SELECT continue_from, initial_load_done FROM feed_cursors WHERE feed = :f"),
-                           {"f": feed}).one()
-    return row[0], bool(row[1])
+    with connect(engine) as conn, conn.begin():
+        return cursors.read(conn, feed)
 
 
 def _lock_cursor(conn: Connection, feed: str, expected: str | None) -> None:
-    current = conn.execute(text("SELECT continue_from FROM feed_cursors WHERE feed = :f FOR UPDATE"),
-                           {"f": feed}).scalar_one()
-    if current != expected:
+    if cursors.lock(conn, feed) != expected:
         raise CursorMovedError(feed)
 
 
 def _store_cursor(conn: Connection, feed: str, page: Page) -> None:
-    conn.execute(
-        text("""UPDATE feed_cursors SET continue_from = coalesce(:tok, continue_from),
-                       initial_load_done = initial_load_done OR :drained, records_seen = records_seen + :n,
-                       last_pull_at = now(), updated_at = now()
-                WHERE feed = :f"""),
-        {"f": feed, "tok": page.continue_from, "drained": not page.has_more, "n": len(page.data)},
-    )
+    cursors.store(conn, feed, continue_from=page.continue_from, drained=not page.has_more, records=len(page.data))
 
 
 # ---------------------------------------------------------------------------------------------------- apply
-
-
-def _normalise(rec: dict[str, Any]) -> dict[str, Any]:
-    for column, default in _NOT_NULL_BOOLS.items():
-        if column in rec and rec[column] is None:
-            rec[column] = default
-    return rec
 
 
 def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any) -> dict[int, dict[str, Any]]:
@@ -310,86 +265,35 @@ def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any) 
             stats.skipped += 1
             log.warning("pull.record_skipped", entity=entity, position=i, reason="no id")
             continue
-        missing = _missing_fields(entity, raw)
+        missing = missing_fields(entity, raw)
         if missing:
             stats.skipped += 1
             log.warning("pull.record_skipped", entity=entity, st_id=st_id, reason="missing required fields",
                         fields=missing)
             continue
-        raw = _storable(raw, entity, st_id, log)
+        raw, had_nul = without_nul(raw)
+        if had_nul:
+            log.warning("pull.nul_removed", entity=entity, st_id=st_id)
         try:
-            rec = _normalise(record_from_api(entity, raw))
+            rec = normalise(record_from_api(entity, raw))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             stats.skipped += 1
             log.warning("pull.record_skipped", entity=entity, st_id=st_id, reason=type(exc).__name__,
                         error=str(exc)[:200])
             continue
         seen = out.get(st_id)
-        if seen is not None and _newer(seen, rec):
+        if seen is not None and newer(seen, rec):
             continue
         out[st_id] = rec
     return out
 
 
-@cache
-def _required(entity: Entity) -> tuple[frozenset[str], frozenset[str]]:
-    """Synced top-level fields and address parts the export schema marks required (absent is not null)."""
-    schemas = openapi.spec()["components"]["schemas"]
-    name = "Crm.V2.ExportCustomerResponse" if entity == "customer" else "Crm.V2.ExportLocationsResponse"
-    required = set(schemas[name].get("required", []))
-    synced = {f.api for f in FIELDS[entity] if not f.address} | {"address"}
-    address_required = set(schemas["Crm.V2.Customers.CustomerAddress"].get("required", []))
-    return frozenset(required & synced - {"externalData"}), frozenset(address_required)
-
-
-def _missing_fields(entity: Entity, raw: Mapping[str, Any]) -> list[str]:
-    top, address = _required(entity)
-    missing = sorted(k for k in top if k not in raw)
-    addr = raw.get("address")
-    if isinstance(addr, Mapping):
-        missing += sorted(f"address.{k}" for k in address if k not in addr)
-    return missing
-
-
-def _storable(raw: Any, entity: Entity, st_id: int, log: Any) -> Any:
-    """Strings PostgreSQL cannot store (U+0000) lose that character, with a warning, instead of failing the
-    page transaction on every pull (which would block the whole feed)."""
-    found = False
-
-    def clean(v: Any) -> Any:
-        nonlocal found
-        if isinstance(v, str):
-            if "\x00" in v:
-                found = True
-                return v.replace("\x00", "")
-            return v
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        if isinstance(v, list):
-            return [clean(x) for x in v]
-        return v
-
-    out = clean(raw)
-    if found:
-        log.warning("pull.nul_removed", entity=entity, st_id=st_id)
-    return out
-
-
-def _newer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """``a`` is strictly newer than ``b`` by modifiedOn (later in the page wins ties)."""
-    try:
-        return bool(a.get("modified_on") and b.get("modified_on")
-                    and parse_timestamp(a["modified_on"]) > parse_timestamp(b["modified_on"]))
-    except ValueError:
-        return False
-
-
 def _apply_page(engine: Engine, cfg: Config, entity: Entity, page: Page, expected: str | None,
                 fetched: dict[int, dict[str, Any] | None], log: Any) -> FeedStats:
-    feed = FEEDS[entity]
+    feed = NAMES[entity].feed
     stats = FeedStats(pages=1, records=len(page.data))
-    with db.connect(engine) as conn, conn.begin():
-        db.bypass_triggers(conn)
+    with connect(engine) as conn, conn.begin():
+        bypass_triggers(conn)
         _lock_cursor(conn, feed, expected)
         recs = _parse_records(entity, page.data, stats, log)
         customer_ids: dict[int, int] | None = None
@@ -408,14 +312,14 @@ def _resolve_customers(conn: Connection, cfg: Config, recs: dict[int, dict[str, 
     shadow (``customer_st_id`` None), so the push path never sees a change to send.
     """
     wanted = {r["customer_st_id"] for r in recs.values() if r.get("customer_st_id") is not None}
-    known = records.customer_mirror_ids(conn, wanted)
+    known = mirror.customer_mirror_ids(conn, wanted)
     arrived = {st: rec for st, rec in fetched.items() if rec is not None and st in wanted and st not in known}
     if arrived:
         cust = FeedStats()
         _apply_records(conn, cfg, "customer", arrived, cust, log, None)
         stats.customers_fetched += cust.inserted + cust.applied
         stats.conflicts += cust.conflicts
-        known.update(records.customer_mirror_ids(conn, arrived))
+        known.update(mirror.customer_mirror_ids(conn, arrived))
     for st_id, rec in recs.items():
         cst = rec.get("customer_st_id")
         if cst is not None and cst not in known:
@@ -424,39 +328,16 @@ def _resolve_customers(conn: Connection, cfg: Config, recs: dict[int, dict[str, 
     return known
 
 
-def _local_change_times(conn: Connection, entity: Entity, ids: list[int]) -> dict[int, datetime]:
-    rows = conn.execute(
-        text("""SELECT mirror_id, max(changed_at) FROM change_log
-                WHERE entity = :e AND mirror_id = ANY(:ids) AND op IN ('I', 'U')
-                GROUP BY mirror_id""").bindparams(_IDS),
-        {"e": entity, "ids": ids})
-    return {mid: at for mid, at in rows}
-
-
-def unconfirmed_versions(stored: Any) -> list[dict[str, Any]]:
-    """outbox.unconfirmed as a list of bodies ({column: value} each): a JSON array of them, one per attempt
-    whose answer was lost (migration 0004 rows may hold a single object)."""
-    items = stored if isinstance(stored, list) else [stored]
-    return [dict(v) for v in items if isinstance(v, dict) and v]
-
-
 def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, dict[str, Any]],
                    stats: FeedStats, log: Any, customer_ids: dict[int, int] | None) -> None:
     """Merge ``recs`` (st_id -> remote canonical record) into the mirror and shadow; batched writes."""
     if not recs:
         return
     policy: Policy = cfg.sync.conflict_policy
-    table = TABLES[entity]
-    existing = records.mirror_ids_by_st_id(conn, entity, recs)
+    existing = mirror.mirror_ids_by_st_id(conn, entity, recs)
     new = {s for s in recs if s not in existing}
     if new:
-        buried = {s for (s,) in conn.execute(
-            # a local delete not yet drained by detect (still a 'D' row in the change log) counts as well
-            text("""SELECT st_id FROM tombstones WHERE entity = :e AND st_id = ANY(:ids)
-                    UNION SELECT CAST(old_row->>'st_id' AS bigint) FROM change_log
-                    WHERE entity = :e AND op = 'D' AND CAST(old_row->>'st_id' AS bigint) = ANY(:ids)""")
-            .bindparams(_IDS),
-            {"e": entity, "ids": list(new)})}
+        buried = tombstones.buried_st_ids(conn, entity, new)
         for s in buried:
             log.info("pull.record_tombstoned", entity=entity, st_id=s)
         stats.tombstoned += len(buried)
@@ -464,7 +345,7 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
 
     # Repeats and echoes (remote == shadow) and stale versions need neither the mirror row nor a lock.
     sync_active = cfg.sync.sync_active
-    shadows = records.load_shadows(conn, entity, existing.values())
+    shadows = shadow.load_shadows(conn, entity, existing.values())
     todo: dict[int, int] = {}
     for st_id, mid in existing.items():
         base, remote = shadows.get(mid), recs[st_id]
@@ -477,28 +358,22 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
             todo[st_id] = mid
 
     ids = sorted(todo.values())
-    mirror: dict[int, records.MirrorRow] = {}
-    outbox: dict[int, dict[str, Any]] = {}
+    rows: dict[int, mirror.MirrorRow] = {}
+    unsent: dict[int, dict[str, Any]] = {}
     changed_at: dict[int, datetime] = {}
     if ids:
-        # lock in id order (no deadlock between two pulls), so no local write slips between read and write
-        conn.execute(text(f"SELECT id FROM {table} WHERE id = ANY(:ids) ORDER BY id FOR UPDATE").bindparams(_IDS),
-                     {"ids": ids})
-        mirror = records.load_mirror(conn, entity, ids)
-        shadows.update(records.load_shadows(conn, entity, ids))  # again, under the lock
-        for mid, state, diff, unconfirmed, updated_at in conn.execute(
-            # the time of the local edit the row carries (not updated_at, which moves whenever stsync touches it)
-            text("""SELECT mirror_id, state, diff, unconfirmed, local_changed_at FROM outbox
-                    WHERE entity = :e AND mirror_id = ANY(:ids) AND state IN ('pending', 'in_flight')""")
-                .bindparams(_IDS), {"e": entity, "ids": ids}):
-            slot = outbox.setdefault(mid, {})
+        mirror.lock(conn, entity, ids)
+        rows = mirror.load_mirror(conn, entity, ids)
+        shadows.update(shadow.load_shadows(conn, entity, ids))  # again, under the lock
+        for mid, state, diff, unconfirmed, updated_at in outbox.unsent_for(conn, entity, ids):
+            slot = unsent.setdefault(mid, {})
             slot[state] = diff
             if unconfirmed:  # sent by attempts whose answers were lost: possibly applied, our own values
                 slot.setdefault("unconfirmed", []).extend(unconfirmed_versions(unconfirmed))
             if updated_at is not None:
                 slot["at"] = max(slot.get("at", updated_at), updated_at)
         if policy == "newest_wins":
-            changed_at = _local_change_times(conn, entity, ids)
+            changed_at = changelog.local_change_times(conn, entity, ids)
 
     work = _Work()
     now = datetime.now(UTC)
@@ -506,10 +381,10 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
         work.inserts.append((st_id, recs[st_id], _customer_mid(recs[st_id], customer_ids)))
     for st_id, mid in todo.items():
         remote = recs[st_id]
-        row = mirror.get(mid)
+        row = rows.get(mid)
         if row is None:  # deleted between the id lookup and the lock
             continue
-        ob = outbox.get(mid, {})
+        ob = unsent.get(mid, {})
         local_times = [t for t in (changed_at.get(mid), ob.get("at")) if t is not None]
         remote_mod = parse_timestamp(remote["modified_on"]) if remote.get("modified_on") else None
         result = merge(entity, shadows.get(mid), row.record, remote, policy, remote_modified_on=remote_mod,
@@ -534,7 +409,7 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
 
 
 def _customer_mid(rec: Mapping[str, Any], customer_ids: dict[int, int] | None) -> int | None:
-    cst = rec.get("customer_st_id")
+    cst = rec.get(CUSTOMER_LINK)
     return None if customer_ids is None or cst is None else customer_ids.get(cst)
 
 
@@ -543,8 +418,8 @@ def _collect(work: _Work, entity: Entity, mid: int, st_id: int, result: MergeRes
     if result.mirror_updates or result.shadow_changed:
         cols = tuple(sorted(result.mirror_updates))
         row = {c: result.mirror_updates[c] for c in cols}
-        if "customer_st_id" in row:
-            row["customer_st_id"] = _customer_mid(result.mirror_updates, customer_ids)
+        if CUSTOMER_LINK in row:
+            row[CUSTOMER_LINK] = _customer_mid(result.mirror_updates, customer_ids)
         row["stsync_id"] = mid
         row["stsync_synced"] = not result.push_needed
         work.updates.setdefault(cols, []).append(row)
@@ -556,86 +431,12 @@ def _collect(work: _Work, entity: Entity, mid: int, st_id: int, result: MergeRes
                                "l": json.dumps(c.local), "r": json.dumps(c.remote), "p": policy, "o": c.outcome})
 
 
-def _recordset(entity: Entity, columns: tuple[str, ...], extra: str) -> str:
-    """``r(col type, ...)`` for jsonb_to_recordset; ``customer_st_id`` carries the customer's mirror id."""
-    defs = [f"{c} bigint" if c == "customer_st_id" else f"{c} {_SQL_TYPES[BY_COLUMN[entity][c].kind]}"
-            for c in columns]
-    return "r(" + ", ".join([*defs, extra]) + ")"
-
-
-def _db_column(column: str) -> str:
-    return "customer_id" if column == "customer_st_id" else column
-
-
 def _write(conn: Connection, entity: Entity, work: _Work, stats: FeedStats) -> None:
-    table = TABLES[entity]
-    if work.inserts:
-        # a shadow left behind by a mirror row deleted earlier would collide with the new row's
-        conn.execute(text("DELETE FROM shadow WHERE entity = :e AND st_id = ANY(:ids)").bindparams(_IDS),
-                     {"e": entity, "ids": [s for s, _, _ in work.inserts]})
-        # one statement: the mirror rows, then their shadows (the same JSON element minus our two keys)
-        columns = tuple(f.column for f in FIELDS[entity])
-        rows = []
-        for st_id, rec, customer_mid in work.inserts:
-            row = dict(rec)
-            row["stsync_st_id"] = st_id
-            if entity == "location":
-                row["stsync_customer_id"] = customer_mid
-            rows.append(row)
-        values = []
-        for c in columns:
-            if c == "customer_st_id":
-                values.append("r.stsync_customer_id")
-            elif c in _NOT_NULL_BOOLS:
-                values.append(f"coalesce(r.{c}, {str(_NOT_NULL_BOOLS[c]).lower()})")
-            else:
-                values.append(f"r.{c}")
-        inserted = conn.execute(
-            text(f"""WITH src AS (SELECT e FROM jsonb_array_elements(CAST(:rows AS jsonb)) AS e),
-                     ins AS (
-                         INSERT INTO {table} (st_id, sync_status, synced_at, {', '.join(map(_db_column, columns))})
-                         SELECT r.stsync_st_id, 'synced', now(), {', '.join(values)}
-                         FROM src CROSS JOIN LATERAL jsonb_to_record(src.e)
-                              AS {_recordset(entity, columns, 'stsync_st_id bigint, stsync_customer_id bigint')}
-                         RETURNING id, st_id)
-                     INSERT INTO shadow (entity, mirror_id, st_id, data, modified_on, updated_at)
-                     SELECT :e, ins.id, ins.st_id, src.e - 'stsync_st_id' - 'stsync_customer_id',
-                            CAST(src.e ->> 'modified_on' AS timestamptz), now()
-                     FROM ins JOIN src ON CAST(src.e ->> 'stsync_st_id' AS bigint) = ins.st_id"""),
-            {"rows": json.dumps(rows), "e": entity},
-        ).rowcount
-        stats.inserted += inserted
-
+    stats.inserted += mirror.insert_pulled(conn, entity, work.inserts)
     for cols, rows in work.updates.items():
-        sets = [f"{_db_column(c)} = r.{c}" for c in cols]
-        sets += ["sync_status = CASE WHEN r.stsync_synced THEN 'synced' ELSE m.sync_status END",
-                 "synced_at = CASE WHEN r.stsync_synced THEN now() ELSE m.synced_at END"]
-        conn.execute(
-            text(f"""UPDATE {table} AS m SET {', '.join(sets)}
-                     FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-                          AS {_recordset(entity, cols, 'stsync_id bigint, stsync_synced boolean')}
-                     WHERE m.id = r.stsync_id"""),
-            {"rows": json.dumps(rows)},
-        )
-
-    if work.shadows:
-        conn.execute(
-            text("""INSERT INTO shadow (entity, mirror_id, st_id, data, modified_on, updated_at)
-                    SELECT :e, r.mirror_id, r.st_id, r.data, r.modified_on, now()
-                    FROM jsonb_to_recordset(CAST(:rows AS jsonb))
-                         AS r(mirror_id bigint, st_id bigint, data jsonb, modified_on timestamptz)
-                    ON CONFLICT (entity, mirror_id) DO UPDATE
-                    SET st_id = EXCLUDED.st_id, data = EXCLUDED.data, modified_on = EXCLUDED.modified_on,
-                        updated_at = now()"""),
-            {"e": entity, "rows": json.dumps(work.shadows)},
-        )
-    if work.conflicts:
-        conn.execute(
-            text("""INSERT INTO conflicts (entity, mirror_id, st_id, field, base_value, local_value, remote_value,
-                                           policy, outcome)
-                    VALUES (:e, :m, :s, :f, CAST(:b AS jsonb), CAST(:l AS jsonb), CAST(:r AS jsonb), :p, :o)"""),
-            work.conflicts,
-        )
+        mirror.update_pulled(conn, entity, cols, rows)
+    shadow.write_shadows(conn, entity, work.shadows)
+    conflicts.record(conn, work.conflicts)
     if work.rechecks:
-        records.log_recheck(conn, entity, work.rechecks)
+        changelog.log_recheck(conn, entity, work.rechecks)
         stats.rechecks += len(work.rechecks)

@@ -1,0 +1,65 @@
+"""What a record's change becomes: its diff and PATCH body (or nothing to send), and the words for a change that
+ends dead (rejected before sending, or by ServiceTitan). Pure; detect and dispatch both decide with it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sync.core.diff import Diff, local_diff
+from sync.core.fields import Entity
+from sync.core.request import Patch, api_to_column, build_patch
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """The configuration a PATCH body depends on (``sync.config.Config.patch_settings``)."""
+
+    application_guid: str
+    mirror_id_key: str = "mirrorId"
+    sync_active: bool = True
+
+
+def plan_record(settings: PatchSettings, entity: Entity, mirror_id: int, record: Mapping[str, Any],
+                shadow: Mapping[str, Any]) -> tuple[Diff, Patch | None]:
+    """(diff, patch) for one record: patch is None when there is nothing to send."""
+    diff = local_diff(entity, record, shadow, sync_active=settings.sync_active, mirror_id_key=settings.mirror_id_key)
+    if not diff:
+        return diff, None
+    return diff, build_patch(entity, record, shadow, diff, mirror_id=mirror_id,
+                             application_guid=settings.application_guid, mirror_id_key=settings.mirror_id_key)
+
+
+def sync_error(problem: str, **extra: Any) -> str:
+    """A mirror row's ``sync_error`` (JSON text): the problem in words, and what to look at."""
+    return json.dumps({"message": problem, **extra})
+
+
+def rejection(patch: Patch) -> tuple[str, dict[str, Any]]:
+    """A body that fails ServiceTitan's schema: (message, the outbox row's ``last_error``)."""
+    message = "request body fails ServiceTitan's schema: " + patch.problem_line()
+    return message, {"message": message, "validation": patch.problems}
+
+
+LOCAL_ONLY_ERROR = sync_error(
+    "not in ServiceTitan (no st_id, or never pulled): creating records through the API is not "
+    "supported; create it in ServiceTitan and the next pull links it")
+
+
+def dead_answer(entity: Entity, status: int, attempt: int, error_body: Any, error: str | None, outbox_id: int) -> str:
+    """The mirror row's ``sync_error`` when ServiceTitan's answers end a change dead (status 0: no answer)."""
+    errors = error_body.get("errors") if isinstance(error_body, dict) else None
+    columns = sorted({api_to_column(entity, k[:1].lower() + k[1:]) for k in errors}) \
+        if isinstance(errors, dict) else []
+    if status == 404:
+        message = "record not found in ServiceTitan (deleted or merged there)"
+    elif status == 400:
+        title = error_body.get("title") if isinstance(error_body, dict) else None
+        message = f"ServiceTitan rejected the update: {title or 'validation failed'}"
+    elif status:
+        message = f"ServiceTitan answered {status} on every one of {attempt} attempts"
+    else:
+        message = f"no answer from ServiceTitan in {attempt} attempts: {error}"
+    return sync_error(message, status=status or None, columns=columns, errors=errors, outbox_id=outbox_id)

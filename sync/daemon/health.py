@@ -1,0 +1,74 @@
+"""The optional HTTP listener (``observability.listen``): /healthz, /readyz and Prometheus /metrics.
+
+It knows the daemon only through ``Probes``: what to check and what to serve, handed over by the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@dataclass(frozen=True)
+class Probes:
+    worker: str
+    database: Callable[[], None]
+    """Raises when the database does not answer (run in a thread)."""
+    token: Callable[[], Awaitable[Any]]
+    """Raises when no ServiceTitan token can be had."""
+    scheduler_running: Callable[[], bool]
+    registry: CollectorRegistry
+
+
+def create_app(probes: Probes) -> Starlette:
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "alive", "worker": probes.worker})
+
+    async def readyz(_: Request) -> Response:
+        checks: dict[str, Any] = {}
+        try:
+            await asyncio.wait_for(asyncio.to_thread(probes.database), timeout=5)
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            await asyncio.wait_for(probes.token(), timeout=10)
+            checks["servicetitan_token"] = "ok"  # noqa: S105
+        except Exception as exc:
+            checks["servicetitan_token"] = f"error: {type(exc).__name__}"
+        checks["scheduler"] = "ok" if probes.scheduler_running() else "not running"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    async def metrics(_: Request) -> Response:
+        started = time.perf_counter()
+        body = await asyncio.to_thread(generate_latest, probes.registry)
+        return Response(body, media_type=CONTENT_TYPE_LATEST,
+                        headers={"X-Scrape-Ms": f"{(time.perf_counter() - started) * 1000:.1f}"})
+
+    return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)])
+
+
+async def serve(probes: Probes, listen: str, stopping: asyncio.Event) -> None:
+    """Serve until ``stopping`` is set."""
+    import uvicorn
+
+    host, _, port = listen.rpartition(":")
+    server = uvicorn.Server(uvicorn.Config(create_app(probes), host=host or "127.0.0.1", port=int(port),
+                                           log_level="warning", access_log=False, lifespan="off"))
+    # the daemon owns SIGTERM/SIGINT (graceful stop); uvicorn must not take them over
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    task = asyncio.create_task(server.serve())
+    await stopping.wait()
+    server.should_exit = True
+    await task

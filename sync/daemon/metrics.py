@@ -1,0 +1,90 @@
+"""Prometheus metrics of one daemon process, on its own registry (several daemons in one test process stay apart).
+
+Counters are incremented from the dispatcher's answers (``record_answer``); outbox depth, ages and lags are read
+from the database at scrape time (the tables are the truth, shared by every replica).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy import Engine
+
+from sync.core.retry import Outcome
+from sync.db import changelog, cursors, outbox
+from sync.servicetitan.client import ApiResponse
+from sync.servicetitan.ratelimit import RateLimiter
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("stsync_requests_total", "ServiceTitan requests sent by the dispatcher",
+                                ["entity", "status"], registry=self.registry)
+        self.rate_limited = Counter("stsync_rate_limited_total", "429 answers received", registry=self.registry)
+        self.retries = Counter("stsync_retries_total", "Transient failures scheduled for another attempt",
+                               registry=self.registry)
+        self.dead = Counter("stsync_dead_total", "Outbox rows that ended dead in this process",
+                            registry=self.registry)
+        self.latency = Histogram("stsync_request_latency_seconds", "PATCH latency", registry=self.registry,
+                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.pulled = Counter("stsync_pulled_records_total", "Export feed records processed", ["feed"],
+                              registry=self.registry)
+        self.conflicts = Counter("stsync_conflicts_total", "Field conflicts resolved by the pull",
+                                 registry=self.registry)
+
+    def record_answer(self, entity: str, resp: ApiResponse, outcome: Outcome) -> None:
+        """One dispatcher answer (sync.stages.dispatch.SendObserver)."""
+        self.requests.labels(entity, str(resp.status)).inc()
+        self.latency.observe(resp.latency_ms / 1000)
+        if outcome is Outcome.RATE_LIMITED:
+            self.rate_limited.inc()
+        elif outcome is Outcome.RETRY:
+            self.retries.inc()
+        elif outcome is Outcome.DEAD:
+            self.dead.inc()
+
+    def watch_limiter(self, limiter: RateLimiter) -> None:
+        """The request rate this process allows itself now, and its ceiling (its share of the tenant's limit):
+        below the ceiling the limiter is backing off after 429s (sync.servicetitan.ratelimit)."""
+        Gauge("stsync_send_rate_per_second", "Requests per second this process sends at now",
+              registry=self.registry).set_function(limiter.current_rate)
+        Gauge("stsync_send_rate_ceiling_per_second", "This process's share of requests_per_second",
+              registry=self.registry).set_function(lambda: limiter.ceiling)
+
+    def attach_database(self, engine: Engine) -> None:
+        self.registry.register(_DatabaseCollector(engine))
+
+
+class _DatabaseCollector:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        depth = GaugeMetricFamily("stsync_outbox_rows", "Outbox rows per state", labels=["state"])
+        oldest = GaugeMetricFamily("stsync_oldest_pending_seconds", "Age of the oldest pending outbox row")
+        push_lag = GaugeMetricFamily("stsync_push_lag_seconds",
+                                     "Age of the oldest unprocessed local change (change log or pending outbox)")
+        pull_lag = GaugeMetricFamily("stsync_pull_lag_seconds", "Seconds since the last pull", labels=["feed"])
+        cursor_age = GaugeMetricFamily("stsync_pull_cursor_age_seconds", "Seconds since a feed cursor moved",
+                                       labels=["feed"])
+        up = GaugeMetricFamily("stsync_database_up", "1 when the database answered this scrape")
+        try:
+            with self.engine.connect() as conn:
+                for state, n in outbox.count_by_state(conn).items():
+                    depth.add_metric([state], n)
+                oldest.add_metric([], outbox.oldest_pending_seconds(conn) or 0.0)
+                push_lag.add_metric([], changelog.push_lag_seconds(conn) or 0.0)
+                for c in cursors.all_cursors(conn):
+                    pull_lag.add_metric([c["feed"]], float(c["pull_age_s"] or 0))
+                    cursor_age.add_metric([c["feed"]], float(c["moved_age_s"] or 0))
+            up.add_metric([], 1)
+        except Exception:
+            up.add_metric([], 0)
+        yield from (depth, oldest, push_lag, pull_lag, cursor_age, up)

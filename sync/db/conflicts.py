@@ -1,0 +1,39 @@
+"""The ``conflicts`` table: one row per field (or merge unit) changed on both sides, with the policy's outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+
+def record(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+    """Insert conflicts. Each row: ``e`` entity, ``m`` mirror id, ``s`` st_id, ``f`` field or unit, ``b``/``l``/``r``
+    base, local and remote values as JSON text, ``p`` policy, ``o`` outcome (``local`` | ``remote``)."""
+    if rows:
+        conn.execute(
+            text("""INSERT INTO conflicts (entity, mirror_id, st_id, field, base_value, local_value, remote_value,
+                                           policy, outcome)
+                    VALUES (:e, :m, :s, :f, CAST(:b AS jsonb), CAST(:l AS jsonb), CAST(:r AS jsonb), :p, :o)"""),
+            list(rows),
+        )
+
+
+def recent(conn: Connection, *, limit: int, entity: str | None = None) -> list[dict[str, Any]]:
+    return [dict(r) for r in conn.execute(
+        text("""SELECT id, entity, mirror_id, st_id, field, base_value, local_value, remote_value,
+                       policy, outcome, detected_at FROM conflicts
+                WHERE CAST(:e AS text) IS NULL OR entity = :e ORDER BY id DESC LIMIT :n"""),
+        {"n": limit, "e": entity}).mappings()]
+
+
+def since(conn: Connection, after_id: int) -> list[tuple[Any, ...]]:
+    """Conflicts with an id above ``after_id``: ``(id, entity, st_id, field, local, remote, outcome)``."""
+    return [tuple(r) for r in conn.execute(
+        text("SELECT id, entity, st_id, field, local_value, remote_value, outcome "
+             "FROM conflicts WHERE id > :i ORDER BY id"), {"i": after_id})]
+
+
+def count(conn: Connection) -> int:
+    return int(conn.execute(text("SELECT count(*) FROM conflicts")).scalar_one())
