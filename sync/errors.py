@@ -34,11 +34,3 @@ class ServiceTitanError(StsyncError):
 
 class AuthError(ServiceTitanError):
     """Credentials were refused by ServiceTitan's token endpoint."""
-
-
-class RequestValidationError(StsyncError):
-    """A request body fails ServiceTitan's OpenAPI schema: it must never be sent."""
-
-    def __init__(self, message: str, errors: dict[str, list[str]]) -> None:
-        super().__init__(message)
-        self.errors = errors

@@ -31,7 +31,8 @@ from sync.core.fields import BY_COLUMN, FIELDS, Entity, address_columns, equal, 
 
 Policy = Literal["remote_wins", "local_wins", "newest_wins"]
 POLICIES: tuple[Policy, ...] = ("remote_wins", "local_wins", "newest_wins")
-Outcome = Literal["local", "remote"]
+Winner = Literal["local", "remote"]
+"""Which side a conflict went to."""
 Mode = Literal["merge", "remote", "ignore"]
 
 
@@ -42,7 +43,7 @@ class Conflict(NamedTuple):
     base: Any
     local: Any
     remote: Any
-    outcome: Outcome
+    outcome: Winner
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _eq(entity: Entity, unit: Unit, a: Mapping[str, Any], b: Mapping[str, Any]) 
     return all(equal(by[c].kind, a.get(c), b.get(c)) for c in unit.columns)
 
 
-def resolve(policy: Policy, remote_modified_on: datetime | None, local_changed_at: datetime | None) -> Outcome:
+def resolve(policy: Policy, remote_modified_on: datetime | None, local_changed_at: datetime | None) -> Winner:
     """Who wins a conflict. ``newest_wins``: the local change wins only if strictly newer (ties -> remote)."""
     if policy == "remote_wins":
         return "remote"
