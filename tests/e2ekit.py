@@ -67,10 +67,11 @@ class Env:
         return p
 
     def start(self, config: Path, *args: str, log_name: str = "daemon") -> subprocess.Popen[str]:
-        log = open(self.tmp / f"{log_name}-{uuid.uuid4().hex[:4]}.log", "w")  # noqa: SIM115
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STSYNC_CONFIG")}
-        return subprocess.Popen([sys.executable, "-m", "sync", "--config", str(config), "run", *args],
-                                stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+        # the child keeps its own copy of the log's descriptor: the parent's is closed at once (no ResourceWarning)
+        with open(self.tmp / f"{log_name}-{uuid.uuid4().hex[:4]}.log", "w") as log:
+            return subprocess.Popen([sys.executable, "-m", "sync", "--config", str(config), "run", *args],
+                                    stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
 
     def stsync(self, config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "STSYNC_CONFIG")}

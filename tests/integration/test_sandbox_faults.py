@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from sync.sandbox import ConnectionDropped, Fault, Faults, Sandbox, SandboxServer, create_app
-from tests.test_sandbox import CREDENTIALS, ROOT, Api, check_against_spec
+from tests.integration.test_sandbox import CREDENTIALS, ROOT, Api, check_against_spec
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from sync.core import openapi
 from sync.core.diff import local_diff
 from sync.core.fields import ADDRESS_PARTS, BY_COLUMN, Entity, equal, writable_fields
 from sync.core.request import Patch, build_patch
-from tests.test_diff import customer, location
+from tests.unit.test_diff import customer, location
 
 GUID = "5f2b8a7e-3c1d-4e6f-9a0b-1c2d3e4f5a6b"
 MIRROR_ID = 42

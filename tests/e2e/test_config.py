@@ -73,7 +73,7 @@ def test_production_and_integration_hosts(tmp_path: Path) -> None:
 
 
 def test_example_config_is_valid(tmp_path: Path) -> None:
-    example = Path(__file__).resolve().parents[1] / "config" / "example.yaml"
+    example = Path(__file__).resolve().parents[2] / "config" / "example.yaml"
     env = {"DATABASE_URL": "postgresql://u@h/db", "ST_TENANT_ID": "123", "ST_CLIENT_ID": "c",
            "ST_CLIENT_SECRET": "s", "ST_APP_KEY": "k", "ST_APPLICATION_GUID": "g"}
     cfg = load_config(example, env=env)

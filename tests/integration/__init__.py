@@ -1,0 +1,1 @@
+"""integration tests (see CONTRIBUTING.md, "Where a test goes")."""

@@ -1,0 +1,1 @@
+"""unit tests (see CONTRIBUTING.md, "Where a test goes")."""
