@@ -55,7 +55,7 @@ def retry(conn: Connection, outbox_id: int | None = None, *, all_dead: bool = Fa
 
 
 def discard(conn: Connection, outbox_id: int) -> None:
-    """Close a pending or dead row without sending it. The mirror keeps its values (see docs/operations.md)."""
+    """Close a pending or dead row without sending it. The mirror keeps its values (issue 15 changes this)."""
     row = outbox.lock_row(conn, outbox_id)
     if row is None:
         raise StsyncError(f"no outbox row {outbox_id}: see `stsync outbox list`")

@@ -191,7 +191,7 @@ def record_from_api(entity: Entity, api: Mapping[str, Any]) -> dict[str, Any]:
     """A ServiceTitan customer/location (response, export row) as a canonical record.
 
     ``external_data`` is taken as given: callers that received it without our application guid (export feeds)
-    must not treat an empty list as "keys deleted" (see ``sync.merge``).
+    must not treat an empty list as "keys deleted" (see ``sync.core.merge``).
     """
     out: dict[str, Any] = {}
     address = api.get("address") or {}

@@ -1,7 +1,7 @@
 """Three-way merge of one record pulled from ServiceTitan: base (shadow) x local (mirror) x remote (export).
 
-Pure: canonical records in (``sync.fields``), a ``MergeResult`` out; no I/O. The pull (``sync.pull``) loads the
-inputs for a whole page and writes the results.
+Pure: canonical records in (``sync.core.fields``), a ``MergeResult`` out; no I/O. The pull (``sync.stages.pull``)
+loads the inputs for a whole page and writes the results.
 
 The record is split into *units* that merge independently:
 

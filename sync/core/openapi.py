@@ -1,7 +1,8 @@
 """ServiceTitan's own CRM v2 OpenAPI file, shipped as package data, as JSON-schema validators.
 
-Used on both sides: stsync validates every PATCH body before sending it, and the sandbox validates every
-request it receives (and the tests every response it gives) against the same file.
+stsync validates every PATCH body with it before sending, and the tests check the sandbox's answers with it. The
+sandbox validates the requests it receives with a different validator (openapi-core over the same file), so a
+bug in this translation is caught there instead of shared.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def api_to_column(entity: Entity, path: str) -> str:
 
 def build_patch(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, Any], diff: Diff, *,
                 mirror_id: int, application_guid: str, mirror_id_key: str = "mirrorId") -> Patch:
-    """The PATCH body for ``diff`` (from ``sync.diff.local_diff``), validated. ``diff`` must not be empty."""
+    """The PATCH body for ``diff`` (from ``sync.core.diff.local_diff``), validated. ``diff`` must not be empty."""
     body: dict[str, Any] = {}
     problems: dict[str, list[str]] = {}
     by_col = BY_COLUMN[entity]

@@ -3,7 +3,7 @@
 Client-credentials token cached until shortly before expiry (one refresh at a time, once more on a 401),
 ``ST-App-Key`` on every call, timeouts, a shared rate limiter that a 429 slows down. Tokens and secrets are
 never logged. Responses are returned as ``ApiResponse``; classifying them is the caller's job
-(``sync.retry.classify``), except auth, which is handled here.
+(``sync.core.retry.classify``), except auth, which is handled here.
 """
 
 from __future__ import annotations

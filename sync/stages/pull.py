@@ -1,4 +1,4 @@
-"""The pull path: ServiceTitan's export feeds -> three-way merge (sync.merge) -> mirror and shadow.
+"""The pull path: ServiceTitan's export feeds -> three-way merge (sync.core.merge) -> mirror and shadow.
 
 ``pull`` drains ``/export/customers`` then ``/export/locations`` from the stored ``continueFrom`` token. Each page
 is applied in ONE transaction that also stores the page's ``continueFrom``: a crash anywhere resumes at the first
