@@ -29,9 +29,9 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal, cast
 
-from sync.openapi import UPDATE_SCHEMAS, spec, validate
 from sync.sandbox import seed as fake
 from sync.sandbox.seed import iso_from_us
+from sync.sandbox.validation import update_fields, validate_update
 
 Entity = Literal["customer", "location"]
 ENTITIES: tuple[Entity, ...] = ("customer", "location")
@@ -627,11 +627,6 @@ def _clone(record: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _schema_properties(schema_name: str) -> frozenset[str]:
-    props = spec()["components"]["schemas"][schema_name]["properties"]
-    return frozenset(props)
-
-
 def _normalise_address(address: Mapping[str, Any]) -> dict[str, Any]:
     """What ServiceTitan stores: trimmed text, 2-letter states upper-cased, coordinates rounded to 6 places."""
     out: dict[str, Any] = {}
@@ -888,7 +883,7 @@ class Sandbox:
 
     def api_patch(self, entity: Entity, rid: int, body: Any) -> dict[str, Any]:
         """PATCH semantics: schema (400), model checks (400), record (404), references (400/409), then apply."""
-        errors = validate(UPDATE_SCHEMAS[entity], body)
+        errors = validate_update(entity, body)
         if isinstance(body, Mapping):
             _model_errors(body, errors)
         if errors:
@@ -975,13 +970,12 @@ class Sandbox:
     def _check_remote_body(self, entity: Entity, body: dict[str, Any]) -> None:
         """Remote edits and creations: known field names, schema-valid values (address checked loosely, since
         ServiceTitan itself may store a null unit or coordinates), ServiceTitan's model checks."""
-        schema = UPDATE_SCHEMAS[entity]
-        allowed = _schema_properties(schema) | REMOTE_ONLY_FIELDS[entity]
+        allowed = update_fields(entity) | REMOTE_ONLY_FIELDS[entity]
         unknown = sorted(set(body) - allowed)
         if unknown:
             raise ApiError(400, VALIDATION_TITLE, {k: [f"The field {k} is not a known field."] for k in unknown})
         checked = {k: v for k, v in body.items() if k != "address" and k not in REMOTE_ONLY_FIELDS[entity]}
-        errors = validate(schema, checked)
+        errors = validate_update(entity, checked)
         for key in REMOTE_ONLY_FIELDS[entity]:
             value = body.get(key)
             ok = value is None or (isinstance(value, bool) if key == "taxExempt" else
