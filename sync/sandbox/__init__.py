@@ -9,17 +9,11 @@
 """
 
 from sync.sandbox.app import ConnectionDropped, create_app
+from sync.sandbox.errors import ApiError, OAuthError, RecordNotFound
+from sync.sandbox.faults import Fault, FaultRule, Faults
+from sync.sandbox.model import RequestRecord
 from sync.sandbox.server import SandboxServer, serve
-from sync.sandbox.state import (
-    ApiError,
-    Fault,
-    FaultRule,
-    Faults,
-    OAuthError,
-    RecordNotFound,
-    RequestRecord,
-    Sandbox,
-)
+from sync.sandbox.state import Sandbox
 
 __all__ = [
     "ApiError",

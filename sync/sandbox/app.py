@@ -60,20 +60,10 @@ from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sync.sandbox.state import (
-    COLLECTIONS,
-    ENTITY_OF_COLLECTION,
-    VALIDATION_TITLE,
-    ApiError,
-    Entity,
-    Fault,
-    OAuthError,
-    RequestRecord,
-    Route,
-    Sandbox,
-    problem,
-    retry_after_header_seconds,
-)
+from sync.sandbox.errors import VALIDATION_TITLE, ApiError, OAuthError, problem
+from sync.sandbox.faults import Fault, retry_after_header_seconds
+from sync.sandbox.model import COLLECTIONS, ENTITY_OF_COLLECTION, Entity, RequestRecord, Route
+from sync.sandbox.state import Sandbox
 
 JSON_TYPE = "application/json"
 HTML_502 = (
