@@ -27,7 +27,7 @@ import json
 from collections.abc import Iterator, Mapping
 from functools import cache
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 from jsonschema.exceptions import ValidationError
 from jsonschema.validators import extend
@@ -38,13 +38,15 @@ from openapi_core.validation.schemas.factories import SchemaValidatorsFactory
 from openapi_core.validation.schemas.validators import SchemaValidator
 from openapi_schema_validator import OAS30WriteValidator
 
+from sync.sandbox.model import Entity
+
 SPEC_PACKAGE = "sync.spec"
 SPEC_FILE = "crm-v2.openapi.json"
-PATCH_PATHS: dict[Literal["customer", "location"], str] = {
+PATCH_PATHS: dict[Entity, str] = {
     "customer": "/tenant/{tenant}/customers/{id}",
     "location": "/tenant/{tenant}/locations/{id}",
 }
-_MAX_DEPTH = 64  # the two request schemas nest 5 levels; deeper means a reference cycle
+_MAX_DEPTH = 64  # the two request schemas are about a dozen steps deep; far deeper means a $ref cycle
 
 
 @cache
@@ -105,26 +107,26 @@ def _inline(path: SchemaPath, depth: int = 0) -> Any:
     return contents
 
 
-def _request_schema(entity: Literal["customer", "location"]) -> SchemaPath:
+def _request_schema(entity: Entity) -> SchemaPath:
     content = openapi().spec / "paths" / PATCH_PATHS[entity] / "patch" / "requestBody" / "content"
     return content / "application/json" / "schema"
 
 
 @cache
-def update_validator(entity: Literal["customer", "location"]) -> SchemaValidator:
+def update_validator(entity: Entity) -> SchemaValidator:
     """openapi-core's validator for the PATCH body of ``entity`` (built once)."""
     inlined = SchemaPath.from_dict(_inline(_request_schema(entity)))
     return _FACTORY.create(inlined, inlined, format_validators={})
 
 
 @cache
-def update_fields(entity: Literal["customer", "location"]) -> frozenset[str]:
+def update_fields(entity: Entity) -> frozenset[str]:
     """The field names a PATCH body of ``entity`` may carry."""
     with _request_schema(entity).resolve() as resolved:
         return frozenset(resolved.contents["properties"])
 
 
-def validate_update(entity: Literal["customer", "location"], body: Any) -> dict[str, list[str]]:
+def validate_update(entity: Entity, body: Any) -> dict[str, list[str]]:
     """Check a PATCH body of ``entity``; ``{field path: [messages]}``, empty when valid."""
     try:
         update_validator(entity).validate(body)
