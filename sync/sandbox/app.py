@@ -32,310 +32,36 @@ Admin endpoints (no auth, not rate limited, not counted or logged) for tests and
   token_ttl_seconds, bump_modified_on_noop
 - ``POST /_sandbox/tokens/expire``: invalidate every issued token
 
-Order of checks for an API call (the "gateway", outermost ASGI layer): app key and token (401), enforced
-rate limit (429), fault plan, latency, then the endpoint. A dropped connection closes the socket without
-a byte of answer under uvicorn; in-process (``httpx.ASGITransport``) it raises :class:`ConnectionDropped`,
-an ``httpx.RemoteProtocolError``, so a client sees the same exception type either way.
+Order of checks for an API call, the request log and dropped connections: see ``gateway.py`` (the outermost
+ASGI layer, :class:`~sync.sandbox.gateway.Gateway`); the admin endpoints are in ``admin.py``. A dropped
+connection raises :class:`ConnectionDropped` in-process (``httpx.ASGITransport``), an
+``httpx.RemoteProtocolError``, as a client would see a closed socket under uvicorn.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
-import re
-import time
-from collections.abc import Awaitable, Callable
-from email.utils import formatdate
-from typing import Any
 from urllib.parse import parse_qs
 
-import httpx
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
-from sync.sandbox.state import (
-    COLLECTIONS,
-    ENTITY_OF_COLLECTION,
-    VALIDATION_TITLE,
-    ApiError,
-    Entity,
-    Fault,
-    OAuthError,
-    RequestRecord,
-    Route,
-    Sandbox,
-    problem,
-    retry_after_header_seconds,
-)
+from sync.sandbox.admin import admin_routes
+from sync.sandbox.errors import VALIDATION_TITLE, ApiError, OAuthError, problem
+from sync.sandbox.gateway import ConnectionDropped, Gateway
+from sync.sandbox.model import COLLECTIONS, Entity
+from sync.sandbox.responses import Endpoint, error_response, json_response
+from sync.sandbox.state import Sandbox
 
-JSON_TYPE = "application/json"
-HTML_502 = (
-    "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
-    "<center><h1>502 Bad Gateway</h1></center>\r\n</body>\r\n</html>\r\n"
-)
-SERVER_ERROR_TITLES = {
-    500: "An unexpected error has occurred.",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
-
-_API_PATH = re.compile(r"^/crm/v2/tenant/([^/]*)(/.*)?$")
-_RECORD_PATH = re.compile(r"^/(customers|locations)/(\d+)/?$")
-_COLLECTION_PATH = re.compile(r"^/(customers|locations)/?$")
-_EXPORT_PATH = re.compile(r"^/export/(customers|locations)/?$")
-
-
-class ConnectionDropped(httpx.RemoteProtocolError):
-    """Raised in-process where a socket would have been closed without an answer."""
-
-
-def classify(method: str, path: str) -> Route:
-    """Which endpoint a request addresses (the counters' keys)."""
-    if path.startswith("/_sandbox"):
-        return Route("admin", method, f"{method} {path}")
-    if path.rstrip("/") == "/connect/token":
-        return Route("token", method, f"{method} /connect/token")
-    m = _API_PATH.match(path)
-    if m is None:
-        return Route("other", method, f"{method} other")
-    tenant, rest = m.group(1), m.group(2) or "/"
-    if (r := _RECORD_PATH.match(rest)) is not None:
-        coll = r.group(1)
-        return Route("api", method, f"{method} /{coll}/{{id}}", ENTITY_OF_COLLECTION[coll], int(r.group(2)), tenant)
-    if (r := _COLLECTION_PATH.match(rest)) is not None:
-        coll = r.group(1)
-        return Route("api", method, f"{method} /{coll}", ENTITY_OF_COLLECTION[coll], None, tenant)
-    if (r := _EXPORT_PATH.match(rest)) is not None:
-        coll = r.group(1)
-        return Route("api", method, f"{method} /export/{coll}", ENTITY_OF_COLLECTION[coll], None, tenant)
-    return Route("api", method, f"{method} other", None, None, tenant)
-
-
-def dumps(obj: Any) -> bytes:
-    # ASCII with \u escapes, as .NET's System.Text.Json writes by default (and faster to encode here)
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, check_circular=False).encode("ascii")
-
-
-def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(dumps(obj), status_code=status, media_type=JSON_TYPE, headers=headers)
-
-
-def error_response(exc: ApiError) -> Response:
-    return json_response(exc.body(), exc.status)
-
-
-# ------------------------------------------------------------------------------------------------- gateway
-
-
-class _Outcome:
-    __slots__ = ("applied", "fault", "status")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.fault: str | None = None
-        self.applied = False
-
-
-class _Gateway:
-    """Outermost ASGI layer: auth, rate limit, faults, latency, counters and the request log."""
-
-    def __init__(self, app: ASGIApp, sandbox: Sandbox) -> None:
-        self.app = app
-        self.sandbox = sandbox
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        route = classify(scope["method"], scope["path"])
-        if route.kind == "admin":
-            await self.app(scope, receive, send)
-            return
-        sandbox = self.sandbox
-        arrived = sandbox.clock()
-        started = time.perf_counter()
-        body = await _read_body(receive)
-        outcome = _Outcome()
-        headers = Headers(scope=scope)
-        try:
-            await self._handle(route, scope, _replay(body, receive), send, headers, outcome)
-        finally:
-            sandbox.record_request(
-                RequestRecord(
-                    method=route.method,
-                    path=scope["path"],
-                    query=scope.get("query_string", b"").decode("latin-1"),
-                    body=_loggable_body(route, body),
-                    status=outcome.status,
-                    time=arrived,
-                    duration_ms=(time.perf_counter() - started) * 1000.0,
-                    endpoint=route.endpoint,
-                    entity=route.entity,
-                    record_id=route.record_id,
-                    fault=outcome.fault,
-                    applied=outcome.applied,
-                )
-            )
-
-    async def _handle(
-        self, route: Route, scope: Scope, receive: Receive, send: Send, headers: Headers, outcome: _Outcome
-    ) -> None:
-        sandbox = self.sandbox
-        if route.kind == "api":
-            refused = sandbox.authenticate(route.tenant, headers.get("authorization"), headers.get("st-app-key"))
-            if refused is not None:
-                await _send_body(send, outcome, refused.status, dumps(refused.body()), JSON_TYPE,
-                                 [(b"www-authenticate", b"Bearer")])
-                return
-            wait = sandbox.admit(route.tenant or "")
-            if wait is not None:
-                outcome.fault = "limiter"
-                await _send_429(send, outcome, wait, "seconds")
-                return
-        fault = sandbox.faults.draw(route)
-        delay = sandbox.latency_seconds() if route.kind == "api" else 0.0
-        if fault is not None and fault.kind == "slow":
-            outcome.fault = "slow"
-            delay += fault.delay_ms / 1000.0
-            fault = None
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if fault is None:
-            await self.app(scope, receive, _capturing(send, route, outcome))
-            return
-        outcome.fault = fault.kind
-        if fault.kind == "rate_limit":
-            await _send_429(send, outcome, fault.retry_after, fault.retry_after_style)
-            return
-        if fault.after_apply:
-            await self.app(scope, receive, _swallowing(route, outcome))
-        if fault.kind == "server_error":
-            await _send_server_error(send, outcome, fault)
-        else:
-            await _drop(send, outcome)
-
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks: list[bytes] = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.request":
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        else:  # http.disconnect
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    delivered = False
-
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-def _capturing(send: Send, route: Route, outcome: _Outcome) -> Send:
-    async def capture(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            outcome.status = message["status"]
-            outcome.applied = route.method == "PATCH" and 200 <= message["status"] < 300
-        await send(message)
-
-    return capture
-
-
-def _swallowing(route: Route, outcome: _Outcome) -> Send:
-    """Runs the endpoint for its effect only: its answer is replaced by the fault."""
-
-    async def swallow(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            outcome.applied = route.method == "PATCH" and 200 <= message["status"] < 300
-
-    return swallow
-
-
-async def _send_body(
-    send: Send, outcome: _Outcome, status: int, body: bytes, content_type: str,
-    extra: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    outcome.status = status
-    headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-async def _send_429(send: Send, outcome: _Outcome, wait: float, style: str) -> None:
-    seconds = retry_after_header_seconds(wait)
-    extra: list[tuple[bytes, bytes]] = []
-    if style == "seconds":
-        extra.append((b"retry-after", str(seconds).encode()))
-    elif style == "http-date":
-        extra.append((b"retry-after", formatdate(time.time() + seconds, usegmt=True).encode()))
-    title = (f"Rate limit exceeded. Please try again in {seconds} seconds." if style == "body"
-             else "Too Many Requests")
-    await _send_body(send, outcome, 429, dumps(problem(429, title)), JSON_TYPE, extra)
-
-
-async def _send_server_error(send: Send, outcome: _Outcome, fault: Fault) -> None:
-    status = fault.status or 500
-    if fault.html:
-        await _send_body(send, outcome, status, HTML_502.replace("502 Bad Gateway", f"{status} {_reason(status)}")
-                         .encode(), "text/html")
-        return
-    title = SERVER_ERROR_TITLES.get(status, "Server Error")
-    await _send_body(send, outcome, status, dumps(problem(status, title)), JSON_TYPE)
-
-
-def _reason(status: int) -> str:
-    return {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Temporarily Unavailable",
-            504: "Gateway Time-out"}.get(status, "Server Error")
-
-
-async def _drop(send: Send, outcome: _Outcome) -> None:
-    """Close the connection without answering. Under uvicorn ``send`` is the connection cycle's bound method,
-    which holds the asyncio transport; elsewhere (in-process) raise instead."""
-    outcome.status = 0
-    cycle = getattr(send, "__self__", None)
-    transport = getattr(cycle, "transport", None)
-    if transport is None or not hasattr(transport, "close"):
-        raise ConnectionDropped("Server disconnected without sending a response.")
-    transport.close()
-    for _ in range(10):  # let uvicorn see connection_lost, so it does not try to answer 500 itself
-        if getattr(cycle, "disconnected", True):
-            break
-        await asyncio.sleep(0)
-
-
-def _loggable_body(route: Route, body: bytes) -> Any:
-    if not body:
-        return None
-    if route.kind == "token":
-        form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
-        return {k: v[-1] for k, v in form.items() if k in ("grant_type", "client_id", "scope")}  # never the secret
-    try:
-        return json.loads(body)
-    except ValueError:
-        return body[:2000].decode("utf-8", "replace")
-
+__all__ = ["ConnectionDropped", "SandboxApp", "create_app"]
 
 # ------------------------------------------------------------------------------------------------- endpoints
-
-Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 def _token_endpoint(sandbox: Sandbox) -> Endpoint:
@@ -417,133 +143,6 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
     return json_response(problem(status, title), status, dict(headers) if headers else None)
 
 
-# ------------------------------------------------------------------------------------------------- admin
-
-
-def _admin_routes(sandbox: Sandbox) -> list[StarletteRoute]:
-    async def read_json(request: Request) -> Any:
-        raw = await request.body()
-        if not raw.strip():
-            return {}
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise ApiError(400, "Invalid JSON body.", {"$": [str(exc)]}) from None
-
-    def guarded(fn: Callable[[Request], Awaitable[Response]]) -> Endpoint:
-        async def endpoint(request: Request) -> Response:
-            try:
-                return await fn(request)
-            except ApiError as exc:
-                return error_response(exc)
-            except (ValueError, TypeError, KeyError) as exc:
-                return json_response(problem(400, str(exc) or type(exc).__name__), 400)
-
-        return endpoint
-
-    async def health(request: Request) -> Response:
-        return json_response({"status": "ok", "tenantId": sandbox.tenant_id})
-
-    async def seed(request: Request) -> Response:
-        body = await read_json(request)
-        sandbox.seed(int(body.get("customers", 0)), int(body.get("locations", 0)), int(body.get("seed", 0)))
-        return json_response({"customers": sandbox.count("customer"), "locations": sandbox.count("location")})
-
-    def creator(entity: Entity) -> Endpoint:
-        async def create(request: Request) -> Response:
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ValueError("expected a JSON object")
-            if entity == "customer":
-                return json_response(sandbox.add_customer(**body), 201)
-            customer_id = body.pop("customerId", None)
-            if not isinstance(customer_id, int):
-                raise ValueError("customerId (integer) is required")
-            return json_response(sandbox.add_location(customer_id, **body), 201)
-
-        return guarded(create)
-
-    def remote(entity: Entity) -> Endpoint:
-        async def record(request: Request) -> Response:
-            rid: int = request.path_params["id"]
-            if request.method == "GET":
-                guid = request.query_params.get("applicationGuid")
-                getter = sandbox.get_customer if entity == "customer" else sandbox.get_location
-                return json_response(getter(rid, guid))
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ValueError("expected a JSON object")
-            editor = sandbox.edit_customer if entity == "customer" else sandbox.edit_location
-            return json_response(editor(rid, **body))
-
-        return guarded(record)
-
-    async def counters(request: Request) -> Response:
-        return json_response({ep: {str(st): n for st, n in by.items()} for ep, by in sandbox.counters.items()})
-
-    async def requests_log(request: Request) -> Response:
-        if request.method == "DELETE":
-            sandbox.reset_log()
-            return Response(status_code=204)
-        entries = sandbox.requests
-        limit = request.query_params.get("limit")
-        if limit:
-            entries = entries[-int(limit):]
-        return json_response({"requests": [e.to_dict() for e in entries]})
-
-    async def faults(request: Request) -> Response:
-        if request.method == "POST":
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ValueError("expected a JSON object")
-            if body.pop("clear", False):
-                sandbox.faults.clear()
-            rules = body.pop("rules", None) or []
-            sandbox.faults.configure(**body)
-            for rule in rules:
-                entity = rule.get("entity")
-                if entity not in (None, "customer", "location"):
-                    raise ValueError("rule entity must be customer or location")
-                record_id = rule.get("record_id")
-                sandbox.faults.add(
-                    Fault.from_dict(rule["fault"]),
-                    times=rule.get("times", 1),
-                    skip=int(rule.get("skip", 0)),
-                    endpoint=rule.get("endpoint"),
-                    method=rule.get("method"),
-                    entity=entity,
-                    record_id=None if record_id is None else int(record_id),
-                )
-        return json_response(sandbox.faults.to_dict())
-
-    async def config(request: Request) -> Response:
-        if request.method == "POST":
-            body = await read_json(request)
-            if not isinstance(body, dict):
-                raise ValueError("expected a JSON object")
-            sandbox.configure(**body)
-        return json_response(sandbox.settings())
-
-    async def expire(request: Request) -> Response:
-        return json_response({"expired": sandbox.expire_tokens()})
-
-    routes = [
-        StarletteRoute("/_sandbox/health", guarded(health), methods=["GET"]),
-        StarletteRoute("/_sandbox/seed", guarded(seed), methods=["POST"]),
-        StarletteRoute("/_sandbox/counters", guarded(counters), methods=["GET"]),
-        StarletteRoute("/_sandbox/requests", guarded(requests_log), methods=["GET", "DELETE"]),
-        StarletteRoute("/_sandbox/faults", guarded(faults), methods=["GET", "POST"]),
-        StarletteRoute("/_sandbox/config", guarded(config), methods=["GET", "POST"]),
-        StarletteRoute("/_sandbox/tokens/expire", guarded(expire), methods=["POST"]),
-    ]
-    for entity in ("customer", "location"):
-        e: Entity = "customer" if entity == "customer" else "location"
-        coll = COLLECTIONS[e]
-        routes.append(StarletteRoute(f"/_sandbox/{coll}", creator(e), methods=["POST"]))
-        routes.append(StarletteRoute(f"/_sandbox/{coll}/{{id:int}}", remote(e), methods=["GET", "PATCH"]))
-    return routes
-
-
 # ------------------------------------------------------------------------------------------------- app
 
 
@@ -556,7 +155,7 @@ class SandboxApp(Starlette):
         self.sandbox = sandbox
 
     def build_middleware_stack(self) -> ASGIApp:
-        return _Gateway(super().build_middleware_stack(), self.sandbox)
+        return Gateway(super().build_middleware_stack(), self.sandbox)
 
 
 def create_app(sandbox: Sandbox) -> Starlette:
@@ -569,5 +168,5 @@ def create_app(sandbox: Sandbox) -> Starlette:
             StarletteRoute(f"{base}/{coll}", _list_endpoint(sandbox, entity), methods=["GET"]),
             StarletteRoute(f"{base}/export/{coll}", _export_endpoint(sandbox, entity), methods=["GET"]),
         ]
-    routes += _admin_routes(sandbox)  # unknown paths and methods: 404 / 405 as ApiErrorResponse (_http_exception)
+    routes += admin_routes(sandbox)  # unknown paths and methods: 404 / 405 as ApiErrorResponse (_http_exception)
     return SandboxApp(sandbox, routes)

@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable
 from types import TracebackType
 
+import structlog
 import uvicorn
 
-from sync.log import get_logger
 from sync.sandbox.app import create_app
 from sync.sandbox.state import Sandbox
 
-log = get_logger("sync.sandbox")
+log = structlog.get_logger("sync.sandbox")
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -21,8 +21,7 @@ from sync.core import openapi
 from sync.core.retry import Outcome, classify
 from sync.errors import AuthError, ServiceTitanError
 from sync.log import configure_logging
-from sync.sandbox import Sandbox, create_app
-from sync.sandbox.state import Fault
+from sync.sandbox import Fault, Sandbox, create_app
 from sync.servicetitan.client import ApiResponse, ServiceTitanClient, parse_retry_after
 from sync.servicetitan.ratelimit import RateLimiter
 from tests.conftest import make_config

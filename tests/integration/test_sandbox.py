@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from sync.core.openapi import RESPONSE_SCHEMAS, UPDATE_SCHEMAS, spec, validate
 from sync.sandbox import ApiError, RecordNotFound, Sandbox, create_app
+from sync.sandbox.model import Entity
 from sync.sandbox.seed import FIRST_CUSTOMER_ID, FIRST_LOCATION_ID, OTHER_APP_GUID
-from sync.sandbox.state import Entity
 
 BASE = "http://sandbox.test"
 TENANT = 1
