@@ -28,16 +28,18 @@ def spec() -> dict[str, Any]:
     return data
 
 
-def _to_json_schema(node: Any) -> Any:
+def _to_json_schema(node: Any, open_objects: bool = False) -> Any:
     """Translate OpenAPI 3.0 schema objects into plain JSON schema (draft 4 semantics).
 
     `nullable: true` becomes "or null"; `$ref`s keep pointing into the document, which is the root schema.
+    ``open_objects`` drops ``additionalProperties: false``: an answer may carry fields the spec does not list yet.
     """
     if isinstance(node, list):
-        return [_to_json_schema(n) for n in node]
+        return [_to_json_schema(n, open_objects) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _to_json_schema(v) for k, v in node.items() if k not in ("nullable", "example", "x-enumNames")}
+    dropped = ("nullable", "example", "x-enumNames") + (("additionalProperties",) if open_objects else ())
+    out = {k: _to_json_schema(v, open_objects) for k, v in node.items() if k not in dropped}
     if node.get("nullable"):
         if "type" in out:
             out["type"] = [out["type"], "null"]
@@ -51,8 +53,8 @@ def _to_json_schema(node: Any) -> Any:
 
 
 @cache
-def _root() -> dict[str, Any]:
-    return {"components": _to_json_schema(spec()["components"])}
+def _root(open_objects: bool = False) -> dict[str, Any]:
+    return {"components": _to_json_schema(spec()["components"], open_objects)}
 
 
 @cache
@@ -127,6 +129,23 @@ def validate(schema_name: str, body: Any) -> dict[str, list[str]]:
             if leaf.message not in msgs:
                 msgs.append(leaf.message)
     return errors or {"$": [fast_message]}
+
+
+@cache
+def _open_validator(schema_name: str) -> Any:
+    validator(schema_name)  # same KeyError for an unknown name
+    schema = {"$ref": SCHEMA_PREFIX + schema_name, "components": _root(open_objects=True)["components"]}
+    return fastjsonschema.compile(schema, use_formats=False, use_default=False)
+
+
+def answer_problem(schema_name: str, body: Any) -> str | None:
+    """Why an answer is not a ``schema_name`` (required fields and their types), or None when it is one.
+    Properties the spec does not list are tolerated: ServiceTitan adds fields over time."""
+    try:
+        _open_validator(schema_name)(body)
+        return None
+    except fastjsonschema.JsonSchemaException as exc:
+        return str(exc)
 
 
 UPDATE_SCHEMAS = {

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sync.core import openapi
 from sync.core.diff import Diff, local_diff
 from sync.core.fields import Entity
 from sync.core.request import Patch, api_to_column, build_patch
@@ -53,7 +54,10 @@ def dead_answer(entity: Entity, status: int, attempt: int, error_body: Any, erro
     errors = error_body.get("errors") if isinstance(error_body, dict) else None
     columns = sorted({api_to_column(entity, k[:1].lower() + k[1:]) for k in errors}) \
         if isinstance(errors, dict) else []
-    if status == 404:
+    if 200 <= status < 300:
+        message = (f"ServiceTitan answered {status} with a body that is not a {entity} record, "
+                   f"on every one of {attempt} attempts")
+    elif status == 404:
         message = "record not found in ServiceTitan (deleted or merged there)"
     elif status == 400:
         title = error_body.get("title") if isinstance(error_body, dict) else None
@@ -63,3 +67,16 @@ def dead_answer(entity: Entity, status: int, attempt: int, error_body: Any, erro
     else:
         message = f"no answer from ServiceTitan in {attempt} attempts: {error}"
     return sync_error(message, status=status or None, columns=columns, errors=errors, outbox_id=outbox_id)
+
+
+def not_a_record(entity: Entity, st_id: int, body: Any) -> str | None:
+    """Why a 2xx answer to a PATCH of record ``st_id`` is not that record (DESIGN.md failure classes: such an
+    answer is a failed attempt, never applied), or None when it is."""
+    if not isinstance(body, dict):
+        return f"not a {entity} record: a JSON {type(body).__name__}"
+    problem = openapi.answer_problem(openapi.RESPONSE_SCHEMAS[entity], body)
+    if problem is not None:
+        return f"not a {entity} record: {problem}"
+    if body.get("id") != st_id:
+        return f"not a {entity} record: it is record {body.get('id')!r}, not {st_id}"
+    return None

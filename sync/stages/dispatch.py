@@ -22,8 +22,18 @@ from sqlalchemy import Connection, Engine
 from sync.config import Config
 from sync.core import merge
 from sync.core.diff import strip_key
-from sync.core.fields import FIELDS, NAMES, Entity, address_columns, equal, parse_timestamp, record_from_api
-from sync.core.plan import dead_answer, plan_record
+from sync.core.fields import (
+    CUSTOMER_LINK,
+    FIELDS,
+    NAMES,
+    Entity,
+    address_columns,
+    equal,
+    parse_timestamp,
+    record_from_api,
+)
+from sync.core.merge import is_stale
+from sync.core.plan import dead_answer, not_a_record, plan_record
 from sync.core.retry import Outcome, backoff_seconds, classify
 from sync.db import attempts, changelog, conflicts, mirror, outbox, rejected, shadow
 from sync.db.engine import bypass_triggers
@@ -124,6 +134,9 @@ class Dispatcher:
                 by_entity.setdefault(entity_name, []).append((oid, mid, tries))
             for name, items in by_entity.items():
                 entity: Entity = "customer" if name == "customer" else "location"
+                # the row's lock first: a pull writes a mirror row and its shadow under that lock in one
+                # transaction, so the two reads below see one consistent pair, never a torn one
+                mirror.lock(conn, entity, [m for _, m, _ in items])
                 rows_now = mirror.load_mirror(conn, entity, [m for _, m, _ in items])
                 shadows = shadow.load_shadows(conn, entity, rows_now)
                 for oid, mid, tries in items:
@@ -132,6 +145,8 @@ class Dispatcher:
                         else plan_record(settings, entity, mid, row.record, base)
                     if row is None or patch is None:
                         outbox.supersede_claimed(conn, oid)
+                        if row is not None:  # nothing left to send: the record is in sync (an operator's
+                            mirror.mark_synced_if_pending(conn, entity, [mid])  # retry set it pending)
                         self.stats.superseded += 1
                         continue
                     if not patch.valid:
@@ -148,6 +163,14 @@ class Dispatcher:
         outcome = classify(resp.status, resp.body)
         retry_cfg = self.cfg.retry
         error_body: Any = resp.body if resp.status else {"message": resp.error}
+        if outcome is Outcome.SUCCEEDED:
+            problem = not_a_record(c.entity, c.st_id, resp.body)
+            if problem is not None:  # a 2xx that is not the record: a failed attempt, possibly applied
+                outcome = Outcome.RETRY
+                error_body = {"message": f"ServiceTitan answered {resp.status} with a body that is {problem}",
+                              "body": resp.body}
+                self.log.warning("outbox.answer_not_a_record", outbox_id=c.outbox_id, entity=c.entity,
+                                 st_id=c.st_id, status=resp.status, problem=problem[:300])
         error_json = json.dumps(error_body, default=str)
         with self.engine.begin() as conn:
             attempts.record(conn, outbox_id=c.outbox_id, attempt=c.attempt, worker=self.worker,
@@ -197,6 +220,20 @@ class Dispatcher:
         if current is None:
             shadow.write_shadow(conn, c.entity, c.mirror_id, c.st_id, remote)
             return
+        bypass_triggers(conn)
+        if is_stale(old_shadow, remote):
+            # older than a version a pull has already applied (which saw this request applied, since the
+            # answer's version came first): the answer says nothing new, and must not undo that pull
+            self.log.info("outbox.answer_older_than_known", outbox_id=c.outbox_id, entity=c.entity,
+                          st_id=c.st_id, answer_modified_on=remote.get("modified_on"),
+                          known_modified_on=old_shadow.get("modified_on"))
+            self._settle(conn, c, current.record, old_shadow)
+            return
+        link = remote.get(CUSTOMER_LINK)
+        if link is not None and not mirror.customer_mirror_ids(conn, [link]):
+            # moved in ServiceTitan to a customer the mirror does not have yet: keep the known link (never
+            # NULL for "not known yet"); the next pull fetches that customer and applies the move
+            remote[CUSTOMER_LINK] = old_shadow.get(CUSTOMER_LINK)
         updates: dict[str, Any] = {}
         conflict_fields: list[str] = []
         for f in FIELDS[c.entity]:
@@ -219,18 +256,18 @@ class Dispatcher:
         if conflict_fields:
             self._resolve_conflicts(conn, c, current.record, old_shadow, remote, conflict_fields, updates)
         customer_mirror_id = None
-        if "customer_st_id" in updates:
-            customer_mirror_id = mirror.customer_mirror_ids(conn, [updates["customer_st_id"]]).get(
-                updates["customer_st_id"])
-        bypass_triggers(conn)
-        mirror.update_mirror(conn, c.entity, c.mirror_id, updates, customer_mirror_id=customer_mirror_id,
-                             status="synced")
+        if CUSTOMER_LINK in updates:
+            customer_mirror_id = mirror.customer_mirror_ids(conn, [updates[CUSTOMER_LINK]]).get(
+                updates[CUSTOMER_LINK])
+        mirror.update_mirror(conn, c.entity, c.mirror_id, updates, customer_mirror_id=customer_mirror_id)
         shadow.write_shadow(conn, c.entity, c.mirror_id, c.st_id, remote)
-        merged = {**current.record, **updates}
-        still_differs = any(not equal(f.kind, merged.get(f.column), remote.get(f.column))
-                            for f in FIELDS[c.entity] if f.writable)
-        if still_differs:
-            # local edits made while the request was in flight (or kept over a remote edit): push them next
+        self._settle(conn, c, {**current.record, **updates}, remote)
+
+    def _settle(self, conn: Connection, c: Claim, local: dict[str, Any], base: dict[str, Any]) -> None:
+        """The mirror row's status after a 2xx: synced, or pending again when it still differs from its base
+        (local edits made while the request was in flight, or kept over a remote edit: pushed next)."""
+        mirror.update_mirror(conn, c.entity, c.mirror_id, {}, status="synced")  # clears sync_error, stamps
+        if any(not equal(f.kind, local.get(f.column), base.get(f.column)) for f in FIELDS[c.entity] if f.writable):
             changelog.log_recheck(conn, c.entity, [c.mirror_id])
             mirror.update_mirror(conn, c.entity, c.mirror_id, {}, status="pending")
 

@@ -1,0 +1,230 @@
+"""An answer never undoes what is already known (issue 15, DESIGN.md invariant 9), on the real database and the
+sandbox over an in-process transport. Each test is one behaviour seen on main before its fix."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import Engine, text
+
+from sync.commands import outbox as outbox_admin
+from sync.config import Config
+from sync.db import shadow
+from sync.sandbox import Sandbox, create_app
+from tests.chaos_kit import Tamper, cycle, raw
+from tests.conftest import make_config
+from tests.pushkit import link_mirror, rows, sql
+
+
+@pytest.fixture
+def sb() -> Sandbox:
+    s = Sandbox(tenant_id=1, rate_limit_per_second=None)
+    s.seed(customers=4, locations=4, seed=11)
+    return s
+
+
+@pytest.fixture
+def linked(engine: Engine, sb: Sandbox) -> dict[int, int]:
+    return link_mirror(engine, sb)
+
+
+def make_cfg(database_url: str, **retry: Any) -> Config:
+    return make_config(database_url, retry={"base_delay_seconds": 0.01, "max_delay_seconds": 0.05, **retry})
+
+
+def first_customer(sb: Sandbox) -> dict[str, Any]:
+    return sorted(sb.customers(), key=lambda c: c["id"])[0]
+
+
+def patches(sb: Sandbox) -> list[Any]:
+    return [r for r in sb.requests if r.method == "PATCH"]
+
+
+def test_retry_of_a_dead_row_whose_change_already_landed_ends_synced(engine: Engine, database_url: str,
+                                                                     sb: Sandbox, linked: dict[int, int]) -> None:
+    cfg = make_cfg(database_url, max_attempts=1)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    tamper = Tamper(create_app(sb))
+    tamper.add("PATCH", r"/customers/\d+$", lambda request, inner: _answer(raw(503, b'{"title": "down"}')))
+    sql(engine, "UPDATE customers SET name = 'Landed Anyway' WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False, transport=tamper)
+    assert rows(engine, "SELECT state FROM outbox") == [("dead",)]
+    sb.edit_customer(cust["id"], name="Landed Anyway")  # the same value reaches ServiceTitan another way
+    cycle(engine, cfg, sb)  # the pull agrees with the local value: mirror == shadow
+    with engine.begin() as conn:
+        assert outbox_admin.retry(conn, all_dead=True) == 1
+    cycle(engine, cfg, sb, pull=False)
+    assert rows(engine, "SELECT state FROM outbox ORDER BY id") == [("superseded",)]
+    assert rows(engine, "SELECT sync_status, sync_error FROM customers WHERE id = :m", m=mid) == [("synced", None)]
+    assert patches(sb) == []  # nothing was left to send
+
+
+async def _answer(resp: httpx.Response) -> httpx.Response:
+    return resp
+
+
+@pytest.mark.parametrize("body", [b"{}", b'{"id": "not a number"}', b"[]", b'{"name": "no id or address"}'])
+def test_a_2xx_whose_body_is_not_a_record_is_a_failed_attempt_then_dead(engine: Engine, database_url: str,
+                                                                         sb: Sandbox, linked: dict[int, int],
+                                                                         body: bytes) -> None:
+    cfg = make_cfg(database_url, max_attempts=2)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    tamper = Tamper(create_app(sb))
+
+    async def applied_then_not_a_record(request: httpx.Request, inner: Any) -> httpx.Response:
+        await inner(request)
+        return raw(200, body)
+
+    tamper.add("PATCH", r"/customers/\d+$", applied_then_not_a_record, times=10)
+    sql(engine, "UPDATE customers SET name = 'Odd Answer' WHERE id = :m", m=mid)
+    for _ in range(4):
+        cycle(engine, cfg, sb, pull=False, transport=tamper)
+        sql(engine, "UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'")
+    assert rows(engine, "SELECT state, attempts FROM outbox") == [("dead", 2)]
+    assert rows(engine, "SELECT outcome, http_status FROM outbox_attempts ORDER BY id") == [
+        ("retry", 200), ("retry", 200)]
+    status, error = rows(engine, "SELECT sync_status, sync_error FROM customers WHERE id = :m", m=mid)[0]
+    assert status == "error" and "not a customer record" in error["message"]
+
+
+def test_a_late_answer_does_not_undo_a_pulled_edit(engine: Engine, database_url: str, sb: Sandbox,
+                                                  linked: dict[int, int]) -> None:
+    cfg = make_cfg(database_url)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    tamper = Tamper(create_app(sb))
+    answers: list[bytes] = []
+
+    async def applied_answer_held_back(request: httpx.Request, inner: Any) -> httpx.Response:
+        real = await inner(request)  # ServiceTitan applies the PATCH and answers with the record as it was then
+        answers.append(real.content)
+        return raw(real.status_code, real.content)
+
+    tamper.add("PATCH", r"/customers/\d+$", applied_answer_held_back)
+    sql(engine, "UPDATE customers SET name = 'Renamed Locally' WHERE id = :m", m=mid)
+    # detect and claim now; the answer arrives after ServiceTitan's user edits and a pull applies that edit
+    import asyncio
+
+    from sync.daemon.service import Daemon
+
+    async def go() -> None:
+        d = Daemon(cfg, engine=engine, transport=tamper)
+        try:
+            await d.detect_job()
+            (claim,) = await asyncio.to_thread(d.dispatcher.claim, 1)
+            resp = await d.client.patch("customers", claim.st_id, claim.body)
+            time.sleep(0.01)
+            sb.edit_customer(cust["id"], doNotMail=not cust["doNotMail"])
+            await d.pull_job()
+            assert rows(engine, "SELECT do_not_mail FROM customers WHERE id = :m", m=mid) == [
+                (not cust["doNotMail"],)]
+            await asyncio.to_thread(d.dispatcher.complete, claim, resp, time.time())
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    assert answers and json.loads(answers[0])["doNotMail"] == cust["doNotMail"]  # the answer is older
+    assert rows(engine, "SELECT name, do_not_mail FROM customers WHERE id = :m", m=mid) == [
+        ("Renamed Locally", not cust["doNotMail"])]
+    with engine.connect() as conn:
+        base = shadow.load_shadows(conn, "customer", [mid])[mid]
+    assert base["do_not_mail"] == (not cust["doNotMail"]) and base["name"] == "Renamed Locally"
+    assert sb.get_customer(cust["id"])["doNotMail"] == (not cust["doNotMail"])
+    assert rows(engine, "SELECT state FROM outbox") == [("succeeded",)]
+
+
+def test_a_claim_reads_the_mirror_row_and_its_shadow_as_one_pair(engine: Engine, database_url: str,
+                                                                 sb: Sandbox, linked: dict[int, int]) -> None:
+    """A pull commits the mirror row and its shadow together, under the row's lock; a claim that reads the row
+    before that commit and the shadow after it would see the pulled value as a local revert and PATCH it back."""
+    cfg = make_cfg(database_url)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    sql(engine, "UPDATE customers SET do_not_service = NOT do_not_service WHERE id = :m", m=mid)
+    import asyncio
+
+    from sync.daemon.service import Daemon
+
+    async def detect() -> None:
+        d = Daemon(cfg, engine=engine, transport=httpx.ASGITransport(app=create_app(sb)))
+        try:
+            await d.detect_job()
+        finally:
+            await d.close()
+
+    asyncio.run(detect())
+    pulled = threading.Event()
+
+    def pull_in_progress() -> None:
+        """A pull that has locked and written the mirror row (a remote name change) and commits the shadow
+        0.5 s later."""
+        with engine.begin() as conn:
+            conn.execute(text("SELECT set_config('stsync.bypass', 'on', true)"))
+            conn.execute(text("SELECT id FROM customers WHERE id = :m FOR UPDATE"), {"m": mid})
+            conn.execute(text("UPDATE customers SET name = 'Pulled Name' WHERE id = :m"), {"m": mid})
+            started.set()
+            time.sleep(0.5)
+            conn.execute(text("""UPDATE shadow SET data = jsonb_set(data, '{name}', '"Pulled Name"')
+                                 WHERE entity = 'customer' AND mirror_id = :m"""), {"m": mid})
+        pulled.set()
+
+    started = threading.Event()
+    t = threading.Thread(target=pull_in_progress)
+    t.start()
+    assert started.wait(5)
+
+    import sync.stages.dispatch as dispatch_module
+
+    real_load_shadows = dispatch_module.shadow.load_shadows
+
+    def load_shadows_after_the_pull(conn: Any, entity: Any, ids: Any) -> Any:
+        pulled.wait(5)  # the claim's second read happens after the pull committed
+        return real_load_shadows(conn, entity, ids)
+
+    async def claim() -> Any:
+        d = Daemon(cfg, engine=engine, transport=httpx.ASGITransport(app=create_app(sb)))
+        try:
+            dispatch_module.shadow.load_shadows = load_shadows_after_the_pull  # type: ignore[attr-defined]
+            try:
+                return await asyncio.to_thread(d.dispatcher.claim, 1)
+            finally:
+                dispatch_module.shadow.load_shadows = real_load_shadows  # type: ignore[attr-defined]
+        finally:
+            await d.close()
+
+    (c,) = asyncio.run(claim())
+    t.join()
+    assert "name" not in c.body, f"the claim would revert the pulled name: {c.body}"
+    assert set(c.body) == {"doNotService", "externalData"}
+
+
+def test_an_answer_never_unlinks_a_location_from_its_customer(engine: Engine, database_url: str, sb: Sandbox,
+                                                              linked: dict[int, int]) -> None:
+    """A location moved in ServiceTitan to a customer the mirror does not have yet: the PATCH answer names that
+    customer; the mirror keeps its link until a pull brings the customer, which then links the location."""
+    cfg = make_cfg(database_url)
+    loc = sorted(sb.locations(), key=lambda x: x["id"])[0]
+    newcomer = sb.add_customer(name="Newcomer Inc")
+    sb.edit_location(loc["id"], customerId=newcomer["id"])
+    lid = rows(engine, "SELECT id FROM locations WHERE st_id = :s", s=loc["id"])[0][0]
+    old_customer = rows(engine, "SELECT customer_id FROM locations WHERE id = :m", m=lid)[0][0]
+    sql(engine, "UPDATE locations SET name = 'Renamed Site' WHERE id = :m", m=lid)
+    cycle(engine, cfg, sb, pull=False)
+    assert rows(engine, "SELECT name, customer_id FROM locations WHERE id = :m", m=lid) == [
+        ("Renamed Site", old_customer)]
+    cycle(engine, cfg, sb)  # the pull fetches the new customer and applies the move
+    new_mid = rows(engine, "SELECT id FROM customers WHERE st_id = :s", s=newcomer["id"])[0][0]
+    assert rows(engine, "SELECT customer_id, sync_status FROM locations WHERE id = :m", m=lid) == [
+        (new_mid, "synced")]
+    sql(engine, "UPDATE locations SET name = 'Renamed Again' WHERE id = :m", m=lid)
+    cycle(engine, cfg, sb, pull=False)
+    assert rows(engine, "SELECT state FROM outbox ORDER BY id") == [("succeeded",), ("succeeded",)]
+    assert sb.get_location(loc["id"])["customerId"] == newcomer["id"]
+    assert [set(p.body) for p in patches(sb)] == [{"name", "externalData"}, {"name", "externalData"}]
