@@ -207,7 +207,7 @@ def outbox() -> None:
 
 
 @outbox.command("list")
-@click.option("--state", type=click.Choice(["pending", "in_flight", "succeeded", "dead", "superseded"]))
+@click.option("--state", type=click.Choice(["pending", "in_flight", "succeeded", "dead", "superseded", "discarded"]))
 @click.option("--entity", type=click.Choice(["customer", "location"]))
 @click.option("--limit", default=50, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
@@ -260,8 +260,9 @@ def outbox_discard(obj: Ctx, outbox_id: int) -> None:
     from sync.commands import outbox as outbox_admin
 
     with _engine(obj).begin() as conn:
-        outbox_admin.discard(conn, outbox_id)
-    click.echo(f"outbox row {outbox_id} discarded")
+        restored = outbox_admin.discard(conn, outbox_id)
+    click.echo(f"outbox row {outbox_id} discarded"
+               + (f"; back to the last-synced value: {', '.join(restored)}" if restored else ""))
 
 
 @cli.group()

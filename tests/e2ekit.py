@@ -32,6 +32,7 @@ servicetitan:
   application_guid: 5f2b8a7e-3c1d-4e6f-9a0b-1c2d3e4f5a6b
   api_base_url: {api}
   requests_per_second: {rps}
+  timeout_seconds: 5
 sync:
   push_interval_seconds: 1
   pull_interval_seconds: 3600

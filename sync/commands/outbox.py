@@ -7,10 +7,15 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from sync.db import attempts, mirror, outbox
+from sync.core.diff import sent_values
+from sync.core.fields import BY_COLUMN, CUSTOMER_LINK, Entity, db_column, equal
+from sync.db import attempts, mirror, outbox, shadow
 from sync.db import conflicts as conflicts_table
-from sync.db.engine import notify
+from sync.db.engine import bypass_triggers, notify
 from sync.errors import StsyncError
+from sync.log import get_logger
+
+log = get_logger("stsync.outbox")
 
 
 def _iso(v: Any) -> Any:
@@ -54,18 +59,40 @@ def retry(conn: Connection, outbox_id: int | None = None, *, all_dead: bool = Fa
     return n
 
 
-def discard(conn: Connection, outbox_id: int) -> None:
-    """Close a pending or dead row without sending it. The mirror keeps its values (issue 15 changes this)."""
+def discard(conn: Connection, outbox_id: int) -> list[str]:
+    """Close a pending or dead row without sending it: the row ends ``discarded`` and the fields it carried go
+    back to their last-synced values (the shadow), so the change never rides along with a later edit. A field
+    edited again since (the mirror no longer holds the discarded value) keeps that newer edit. Returns the
+    columns put back."""
     row = outbox.lock_row(conn, outbox_id)
     if row is None:
         raise StsyncError(f"no outbox row {outbox_id}: see `stsync outbox list`")
-    entity, mirror_id, state = row
+    name, mirror_id, state = row
     if state not in ("pending", "dead"):
         raise StsyncError(f"outbox row {outbox_id} is {state}: only pending or dead rows can be discarded")
+    entity: Entity = "customer" if name == "customer" else "location"
+    diff = (outbox.get(conn, outbox_id) or {}).get("diff") or {}
+    current = mirror.load_mirror(conn, entity, [mirror_id], for_update=True).get(mirror_id)
+    base = shadow.load_shadows(conn, entity, [mirror_id]).get(mirror_id)
+    restored: dict[str, Any] = {}
+    if current is not None and base is not None:
+        for column, value in sent_values(diff).items():
+            f = BY_COLUMN[entity].get(column)
+            if f is not None and equal(f.kind, current.record.get(column), value):
+                restored[column] = base.get(column)
+    customer_mid = None
+    if CUSTOMER_LINK in restored and restored[CUSTOMER_LINK] is not None:
+        customer_mid = mirror.customer_mirror_ids(conn, [restored[CUSTOMER_LINK]]).get(restored[CUSTOMER_LINK])
+    bypass_triggers(conn)  # putting the last-synced values back is not a local edit
+    mirror.update_mirror(conn, entity, mirror_id, restored, customer_mirror_id=customer_mid)
     outbox.discard(conn, outbox_id)
-    mirror.mark_discarded(conn, "customer" if entity == "customer" else "location", mirror_id,
-                          json.dumps({"message": f"outbox row {outbox_id} discarded by an operator; "
-                                                 "the mirror still differs from ServiceTitan"}))
+    columns = sorted(db_column(c) for c in restored)
+    mirror.mark_discarded(conn, entity, mirror_id, json.dumps({
+        "message": f"outbox row {outbox_id} discarded by an operator; its fields went back to the last-synced "
+                   f"values: {', '.join(columns) or 'none (edited again since)'}",
+        "columns": columns, "outbox_id": outbox_id}))
+    log.info("outbox.discarded", outbox_id=outbox_id, entity=entity, mirror_id=mirror_id, restored=columns)
+    return columns
 
 
 def conflicts(conn: Connection, *, limit: int, entity: str | None = None) -> list[dict[str, Any]]:

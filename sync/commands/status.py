@@ -32,6 +32,7 @@ def collect(conn: Connection) -> dict[str, Any]:
         "change_log_backlog": changelog.backlog(conn),
         "local_only": {e: mirror.count_local_only(conn, e) for e in ENTITIES},
         "rows_with_sync_error": {e: mirror.count_with_error(conn, e) for e in ENTITIES},
+        "read_only_edits": {e: mirror.count_read_only_flagged(conn, e) for e in ENTITIES},
         "tombstones": tombstones.count(conn),
         "conflicts": conflicts.count(conn),
         "last_pull_at": last_pull,
@@ -51,6 +52,8 @@ def render(status: dict[str, Any]) -> str:
         "local only:     " + "  ".join(f"{k}={v}" for k, v in status["local_only"].items())
         + "   (rows without st_id: not created in ServiceTitan)",
         "sync errors:    " + "  ".join(f"{k}={v}" for k, v in status["rows_with_sync_error"].items()),
+        "read-only edits: " + "  ".join(f"{k}={v}" for k, v in status["read_only_edits"].items())
+        + "   (never sent; the next pull puts ServiceTitan's values back)",
         f"tombstones:     {status['tombstones']}   (local deletes, not propagated)",
         f"conflicts:      {status['conflicts']}",
         f"last pull:      {status['last_pull_at'] or 'never'}",

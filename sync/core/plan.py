@@ -4,13 +4,13 @@ ends dead (rejected before sending, or by ServiceTitan). Pure; detect and dispat
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sync.core import openapi
 from sync.core.diff import Diff, local_diff
-from sync.core.fields import Entity
+from sync.core.fields import FIELDS, Entity, equal, writable_fields
 from sync.core.request import Patch, api_to_column, build_patch
 
 
@@ -24,9 +24,27 @@ class PatchSettings:
 
 
 def plan_record(settings: PatchSettings, entity: Entity, mirror_id: int, record: Mapping[str, Any],
-                shadow: Mapping[str, Any]) -> tuple[Diff, Patch | None]:
-    """(diff, patch) for one record: patch is None when there is nothing to send."""
+                shadow: Mapping[str, Any],
+                unconfirmed: Sequence[Mapping[str, Any]] = ()) -> tuple[Diff, Patch | None]:
+    """(diff, patch) for one record: patch is None when there is nothing to send.
+
+    ``unconfirmed``: bodies of attempts whose answers were lost (possibly applied by ServiceTitan). A column one
+    of them carried whose mirror value differs from it is sent too, even when the mirror equals the shadow: a
+    revert after a lost answer must reach ServiceTitan, which may hold the reverted value.
+    """
     diff = local_diff(entity, record, shadow, sync_active=settings.sync_active, mirror_id_key=settings.mirror_id_key)
+    writable = {f.column: f for f in writable_fields(entity, sync_active=settings.sync_active)}
+    for body in unconfirmed:
+        for column, sent in body.items():
+            f = writable.get(column)
+            if f is None or column in diff or f.kind == "external_data":
+                continue
+            try:
+                same = equal(f.kind, record.get(column), sent)
+            except (TypeError, ValueError, AttributeError):
+                same = False
+            if not same:
+                diff[column] = [shadow.get(column), record.get(column)]
     if not diff:
         return diff, None
     return diff, build_patch(entity, record, shadow, diff, mirror_id=mirror_id,
@@ -80,3 +98,25 @@ def not_a_record(entity: Entity, st_id: int, body: Any) -> str | None:
     if body.get("id") != st_id:
         return f"not a {entity} record: it is record {body.get('id')!r}, not {st_id}"
     return None
+
+
+def read_only_edits(entity: Entity, record: Mapping[str, Any], shadow: Mapping[str, Any]) -> list[str]:
+    """Read-only columns (``balance``, ``modified_on``...) whose mirror value differs from the last-synced one: a
+    local edit that is never sent (DESIGN.md: flagged, counted, and put back by the next pull)."""
+    out = []
+    for f in FIELDS[entity]:
+        if f.writable:
+            continue
+        try:
+            same = equal(f.kind, record.get(f.column), shadow.get(f.column))
+        except (TypeError, ValueError, AttributeError):
+            same = False
+        if not same:
+            out.append(f.column)
+    return out
+
+
+def read_only_error(columns: list[str]) -> str:
+    """The mirror row's ``sync_error`` for local edits of read-only columns."""
+    return sync_error(f"read-only column(s) edited locally, never sent: {', '.join(columns)}; the next pull puts "
+                      "ServiceTitan's value back", read_only_columns=columns)

@@ -20,19 +20,19 @@ from typing import Any
 
 import structlog
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from sync.config import Config
 from sync.daemon.health import Probes, serve
 from sync.daemon.listener import NotifyListener
 from sync.daemon.metrics import Metrics
 from sync.db import workers as workers_mod
-from sync.db.engine import check_current, make_engine, notify_channel, ping
+from sync.db.engine import bypass_triggers, check_current, make_engine, notify_channel, ping
 from sync.errors import AuthError, DatabaseError, MigrationRequiredError, StsyncError
 from sync.log import get_logger
 from sync.servicetitan import client as client_mod
 from sync.servicetitan.client import ServiceTitanClient
-from sync.stages.detect import detect_all, preview
+from sync.stages.detect import detect_all, preview_in
 from sync.stages.dispatch import Dispatcher
 from sync.stages.housekeeping import prune
 from sync.stages.pull import pull
@@ -98,7 +98,7 @@ class Daemon:
 
     async def pull_job(self) -> dict[str, Any]:
         if self.dry_run:
-            self.log.info("pull.skipped_dry_run")
+            self.log.info("pull.deferred_to_dry_run")  # the dry run pulls read-only, then predicts
             return {}
         return await self._guard("pull", self._pull())
 
@@ -148,11 +148,29 @@ class Daemon:
         return result
 
     async def _dry_run(self) -> dict[str, Any]:
-        planned = await asyncio.to_thread(preview, self.engine, self.cfg)
+        """What a real cycle would send: a read-only pull (every page merged in one transaction), then the
+        prediction in that same transaction, which is then rolled back: nothing is written, nothing is sent."""
+        conn = await asyncio.to_thread(self._dry_transaction)
+        try:
+            await pull(self.engine, self.client, self.cfg, within=conn)
+            planned = await asyncio.to_thread(preview_in, conn, self.cfg)
+        finally:
+            await asyncio.to_thread(self._end_dry_transaction, conn)
         for req in planned:
             self.log.info("outbox.dry_run", **req)
         self.dry_run_requests = planned
         return {"would_send": len(planned), "requests": planned}
+
+    def _dry_transaction(self) -> Connection:
+        conn = self.engine.connect()
+        conn.begin()
+        bypass_triggers(conn)
+        return conn
+
+    @staticmethod
+    def _end_dry_transaction(conn: Connection) -> None:
+        conn.rollback()
+        conn.close()
 
     async def workers_job(self) -> dict[str, Any]:
         """Heartbeat; take this replica's share of the tenant's request budget."""

@@ -264,3 +264,29 @@ def mark_discarded(conn: Connection, entity: Entity, mirror_id: int, error: str)
     """An operator closed the record's change without sending it."""
     conn.execute(text(f"UPDATE {NAMES[entity].table} SET sync_status = 'discarded', sync_error = CAST(:e AS jsonb) "
                       "WHERE id = :m"), {"m": mirror_id, "e": error})
+
+
+# ------------------------------------------------------------------------------------------------ read-only edits
+
+
+def flag_read_only(conn: Connection, entity: Entity, mirror_id: int, error: str) -> None:
+    """Local edits of read-only columns: ``sync_error`` names them (``read_only_columns``); the status is kept."""
+    conn.execute(text(f"UPDATE {NAMES[entity].table} SET sync_error = CAST(:err AS jsonb) WHERE id = :m"),
+                 {"m": mirror_id, "err": error})
+
+
+def read_only_flagged(conn: Connection, entity: Entity) -> dict[int, list[str]]:
+    """Rows flagged by ``flag_read_only``: mirror id -> the read-only columns edited locally."""
+    rows = conn.execute(text(f"SELECT id, sync_error -> 'read_only_columns' FROM {NAMES[entity].table} "
+                             "WHERE sync_error ? 'read_only_columns'"))
+    return {mid: [str(c) for c in cols or []] for mid, cols in rows}
+
+
+def clear_read_only_flag(conn: Connection, entity: Entity, mirror_id: int) -> None:
+    conn.execute(text(f"UPDATE {NAMES[entity].table} SET sync_error = NULL "
+                      "WHERE id = :m AND sync_error ? 'read_only_columns'"), {"m": mirror_id})
+
+
+def count_read_only_flagged(conn: Connection, entity: Entity) -> int:
+    return int(conn.execute(text(f"SELECT count(*) FROM {NAMES[entity].table} "
+                                 "WHERE sync_error ? 'read_only_columns'")).scalar_one())

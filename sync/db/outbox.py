@@ -1,7 +1,8 @@
 """The ``outbox`` table: one row per request to send, its lease, its retries and its outcome.
 
 Every statement that reads or writes ``outbox`` lives here. States (DESIGN.md, "Outbox states"): ``pending`` ->
-``in_flight`` (leased by one worker) -> ``succeeded`` / ``dead`` / ``superseded``. At most one ``pending`` and one
+``in_flight`` (leased by one worker) -> ``succeeded`` / ``dead`` / ``superseded``; an operator may close a
+pending or dead row as ``discarded``. At most one ``pending`` and one
 ``in_flight`` row per record (unique indexes). ``unconfirmed`` holds, as a JSON array, the bodies of attempts whose
 answers were lost (possibly applied by ServiceTitan: the pull takes those values for our own echo).
 """
@@ -18,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sync.core.diff import sent_values
 
-STATES = ("pending", "in_flight", "succeeded", "dead", "superseded")
+STATES = ("pending", "in_flight", "succeeded", "dead", "superseded", "discarded")
 """Every value of ``outbox.state``, in the order status and metrics show them."""
 
 _IDS = bindparam("ids", type_=ARRAY(BIGINT))
@@ -92,6 +93,17 @@ def reject(conn: Connection, entity: str, mirror_id: int, st_id: int | None, pay
     return outbox_id
 
 
+def unconfirmed_for(conn: Connection, entity: str, mirror_ids: Sequence[int]) -> dict[int, list[Any]]:
+    """The ``unconfirmed`` values (bodies possibly applied) of these records' unfinished rows."""
+    out: dict[int, list[Any]] = {}
+    for mid, stored in conn.execute(
+            text("""SELECT mirror_id, unconfirmed FROM outbox
+                    WHERE entity = :e AND mirror_id = ANY(:ids) AND state IN ('pending', 'in_flight')
+                    AND unconfirmed IS NOT NULL""").bindparams(_IDS), {"e": entity, "ids": list(mirror_ids)}):
+        out.setdefault(mid, []).append(stored)
+    return out
+
+
 def ids_pending(conn: Connection, entity: str) -> set[int]:
     """Mirror ids with a pending row (the dry run's preview)."""
     return {m for (m,) in conn.execute(
@@ -101,8 +113,11 @@ def ids_pending(conn: Connection, entity: str) -> set[int]:
 # ------------------------------------------------------------------------------------------------ claims
 
 
-def claim_due(conn: Connection, limit: int, worker: str, lease_seconds: float) -> list[tuple[int, str, int, int]]:
-    """Lease up to ``limit`` due, claimable rows to ``worker``: ``(outbox id, entity, mirror id, attempts)``."""
+def claim_due(conn: Connection, limit: int, worker: str,
+              lease_seconds: float) -> list[tuple[int, str, int, int, int, Any]]:
+    """Lease up to ``limit`` due, claimable rows to ``worker``: ``(outbox id, entity, mirror id, attempts, claim
+    token, unconfirmed)``. The token (the claiming transaction's id) fences the claim: a later claim of the row
+    has another."""
     rows = conn.execute(text(f"""
         WITH due AS (
             SELECT o.id FROM outbox o
@@ -110,11 +125,12 @@ def claim_due(conn: Connection, limit: int, worker: str, lease_seconds: float) -
             ORDER BY o.next_attempt_at, o.id
             LIMIT :n FOR UPDATE SKIP LOCKED)
         UPDATE outbox o SET state = 'in_flight', lease_owner = :w,
-               lease_expires_at = now() + make_interval(secs => :l), updated_at = now()
+               lease_expires_at = now() + make_interval(secs => :l), updated_at = now(),
+               claim_token = txid_current(), sent_at = NULL
         FROM due WHERE o.id = due.id
-        RETURNING o.id, o.entity, o.mirror_id, o.attempts"""),
+        RETURNING o.id, o.entity, o.mirror_id, o.attempts, o.claim_token, o.unconfirmed"""),
         {"n": limit, "w": worker, "l": lease_seconds}).all()
-    return [(r[0], r[1], r[2], r[3]) for r in rows]
+    return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
 
 def set_body(conn: Connection, outbox_id: int, payload: Any, diff: Any, st_id: int) -> None:
@@ -145,10 +161,26 @@ def renew_leases(conn: Connection, worker: str, outbox_ids: Sequence[int], lease
                  {"w": worker, "l": lease_seconds, "ids": list(outbox_ids)})
 
 
-def lock_if_held(conn: Connection, outbox_id: int, worker: str) -> bool:
-    """Lock the row if ``worker`` still holds its lease (False: the lease was lost, the answer is not ours)."""
+def mark_sent(conn: Connection, outbox_id: int, worker: str, claim_token: int) -> bool:
+    """Just before the request goes out: True (and ``sent_at`` stamped) if this claim is still held."""
+    return conn.execute(text("UPDATE outbox SET sent_at = now() WHERE id = :id AND state = 'in_flight' "
+                             "AND lease_owner = :w AND claim_token = :t RETURNING 1"),
+                        {"id": outbox_id, "w": worker, "t": claim_token}).first() is not None
+
+
+def lock_if_held(conn: Connection, outbox_id: int, worker: str, claim_token: int) -> bool:
+    """Lock the row if this claim is still held (False: the lease was lost, the answer is not ours)."""
     return conn.execute(text("SELECT 1 FROM outbox WHERE id = :id AND state = 'in_flight' "
-                             "AND lease_owner = :w FOR UPDATE"), {"id": outbox_id, "w": worker}).first() is not None
+                             "AND lease_owner = :w AND claim_token = :t FOR UPDATE"),
+                        {"id": outbox_id, "w": worker, "t": claim_token}).first() is not None
+
+
+def add_unconfirmed(conn: Connection, entity: str, mirror_id: int, sent: str) -> int:
+    """A body that went out under a claim since lost (``sent``: a JSON array of one body) is possibly applied:
+    the record's unfinished row carries it, so the pull takes its values for our own echo."""
+    return int(conn.execute(text(f"""UPDATE outbox SET unconfirmed = {_as_list('unconfirmed')} || CAST(:u AS jsonb)
+                                   WHERE entity = :e AND mirror_id = :m AND state IN ('pending', 'in_flight')"""),
+                            {"e": entity, "m": mirror_id, "u": sent}).rowcount)
 
 
 # ------------------------------------------------------------------------------------------------ outcomes
@@ -213,26 +245,31 @@ def _requeue_once(conn: Connection, outbox_id: int, entity: str, mirror_id: int,
                  {"id": outbox_id, "a": attempts, "s": status, "err": error, "d": delay_s, "u": unconfirmed})
 
 
-def requeue_expired(conn: Connection) -> int:
-    """In-flight rows whose lease expired (their worker died) go back to pending, due now."""
-    return _requeue_in_flight(conn, "lease_expires_at < now()", {})
+def requeue_expired(conn: Connection, *, landing_s: float) -> int:
+    """In-flight rows whose lease expired (their worker died) go back to pending (see ``_requeue_in_flight``)."""
+    return _requeue_in_flight(conn, "lease_expires_at < now()", {}, landing_s)
 
 
-def requeue_held_by(conn: Connection, worker: str) -> int:
-    """On shutdown: the rows ``worker`` holds but has not finished go back to pending, due now."""
-    return _requeue_in_flight(conn, "lease_owner = :w", {"w": worker})
+def requeue_held_by(conn: Connection, worker: str, *, landing_s: float) -> int:
+    """On shutdown: the rows ``worker`` holds but has not finished go back to pending."""
+    return _requeue_in_flight(conn, "lease_owner = :w", {"w": worker}, landing_s)
 
 
-def _requeue_in_flight(conn: Connection, condition: str, params: dict[str, Any]) -> int:
-    held = conn.execute(text(f"""SELECT id, entity, mirror_id, attempts, diff FROM outbox
-                                  WHERE state = 'in_flight' AND {condition} ORDER BY id FOR UPDATE SKIP LOCKED"""),
-                        params).all()
-    for oid, entity, mirror_id, attempts, diff in held:
+def _requeue_in_flight(conn: Connection, condition: str, params: dict[str, Any], landing_s: float) -> int:
+    """A row whose request went out (``sent_at``) is due once that request can no longer land (``landing_s``,
+    the client timeout, after it was sent), so the successor is never overtaken by it; one never sent is due now."""
+    held = conn.execute(text(f"""SELECT id, entity, mirror_id, attempts, diff,
+                                        GREATEST(0, EXTRACT(EPOCH FROM sent_at + make_interval(secs => :land) - now()))
+                                 FROM outbox WHERE state = 'in_flight' AND {condition}
+                                 ORDER BY id FOR UPDATE SKIP LOCKED"""),
+                        {**params, "land": landing_s}).all()
+    for oid, entity, mirror_id, attempts, diff, wait in held:
         # the request may have gone out (a killed worker, a cancelled send): what it carried is possibly
         # applied by ServiceTitan, so the pull must take it for ours (the diff holds it since the claim)
+        # (sent_at is NULL also for a row claimed by a release before migration 0006: kept possibly applied)
         sent = sent_values(diff)
-        requeue(conn, oid, entity, mirror_id, delay_s=0.0, attempts=attempts, status=None, error=None,
-                unconfirmed=json.dumps([sent], default=str) if sent else None)
+        requeue(conn, oid, entity, mirror_id, delay_s=float(wait or 0.0), attempts=attempts, status=None,
+                error=None, unconfirmed=json.dumps([sent], default=str) if sent else None)
     return len(held)
 
 
@@ -247,6 +284,15 @@ def unsent_for(conn: Connection, entity: str, mirror_ids: Sequence[int]) -> list
                 WHERE entity = :e AND mirror_id = ANY(:ids) AND state IN ('pending', 'in_flight')""")
         .bindparams(_IDS), {"e": entity, "ids": list(mirror_ids)})
     return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+
+def dead_local_change_times(conn: Connection, entity: str, mirror_ids: Sequence[int]) -> dict[int, Any]:
+    """When the local edit of each record's dead rows was made (its mirror values stay unsent)."""
+    rows = conn.execute(
+        text("""SELECT mirror_id, max(local_changed_at) FROM outbox
+                WHERE state = 'dead' AND entity = :e AND mirror_id = ANY(:ids) AND local_changed_at IS NOT NULL
+                GROUP BY mirror_id""").bindparams(_IDS), {"e": entity, "ids": list(mirror_ids)})
+    return {mid: at for mid, at in rows}
 
 
 # ------------------------------------------------------------------------------------------------ operators
@@ -295,7 +341,7 @@ def reset_to_pending(conn: Connection, outbox_id: int) -> None:
 
 def discard(conn: Connection, outbox_id: int) -> None:
     """An operator closed the row without sending it."""
-    conn.execute(text("""UPDATE outbox SET state = 'superseded', completed_at = now(), updated_at = now(),
+    conn.execute(text("""UPDATE outbox SET state = 'discarded', completed_at = now(), updated_at = now(),
                          last_error = coalesce(last_error, '{}'::jsonb) || '{"discarded": true}'::jsonb
                          WHERE id = :id"""), {"id": outbox_id})
 

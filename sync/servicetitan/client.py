@@ -14,6 +14,7 @@ import email.utils
 import json
 import re
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -55,6 +56,8 @@ class ApiResponse:
     headers: dict[str, str] = field(default_factory=dict)
     not_sent: bool = False
     """No request left this process (no token could be had): nothing can have been applied."""
+    fenced: bool = False
+    """``before_send`` said no: the caller no longer holds the right to send it; nothing was sent."""
 
     @property
     def ok(self) -> bool:
@@ -164,10 +167,13 @@ class ServiceTitanClient:
     # ---------------------------------------------------------------------------------------- calls
 
     async def request(self, method: str, path: str, *, json_body: Any = None,
-                      params: dict[str, Any] | None = None) -> ApiResponse:
+                      params: dict[str, Any] | None = None,
+                      before_send: Callable[[], Awaitable[bool]] | None = None) -> ApiResponse:
         """One API call (after a rate-limit slot). Transport failures come back as status 0, never raise.
 
         A 401 refreshes the token once and resends; a 429 pauses the shared limiter for Retry-After.
+        ``before_send`` runs after the slot, immediately before the request goes out (each time it goes out);
+        False sends nothing and answers ``fenced``.
         """
         token: str | None = None
         for auth_try in range(2):
@@ -179,6 +185,9 @@ class ServiceTitanClient:
                 self.limiter.pause(TOKEN_RETRY_S, capped=False)  # not a 429: the cap is about 429s
                 return ApiResponse(0, None, 0.0, error=str(exc), retry_after_s=TOKEN_RETRY_S, not_sent=True)
             await self.limiter.acquire()
+            if before_send is not None and not await before_send():
+                return ApiResponse(0, None, 0.0, error="not sent: the claim is no longer held", not_sent=True,
+                                   fenced=True)
             started = time.perf_counter()
             try:
                 resp = await self._http.request(
@@ -203,8 +212,9 @@ class ServiceTitanClient:
                                headers={k.lower(): v for k, v in resp.headers.items() if k.lower() == "retry-after"})
         raise AssertionError("unreachable")
 
-    async def patch(self, collection: str, st_id: int, body: dict[str, Any]) -> ApiResponse:
-        return await self.request("PATCH", f"/{collection}/{st_id}", json_body=body)
+    async def patch(self, collection: str, st_id: int, body: dict[str, Any], *,
+                    before_send: Callable[[], Awaitable[bool]] | None = None) -> ApiResponse:
+        return await self.request("PATCH", f"/{collection}/{st_id}", json_body=body, before_send=before_send)
 
     async def get(self, collection: str, st_id: int) -> ApiResponse:
         return await self.request("GET", f"/{collection}/{st_id}")

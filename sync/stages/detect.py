@@ -15,8 +15,9 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from sync.config import Config
+from sync.core.diff import unconfirmed_versions
 from sync.core.fields import ENTITIES, NAMES, Entity
-from sync.core.plan import LOCAL_ONLY_ERROR, plan_record
+from sync.core.plan import LOCAL_ONLY_ERROR, plan_record, read_only_edits, read_only_error
 from sync.db import changelog, mirror, outbox, rejected, shadow, tombstones
 from sync.db.engine import bypass_triggers
 from sync.log import get_logger
@@ -38,6 +39,8 @@ class DetectResult:
     """rejected before sending (the body would fail ServiceTitan's schema)"""
     local_only: int = 0
     deleted: int = 0
+    read_only: int = 0
+    """records with local edits of read-only columns (flagged, never sent)"""
     duration_ms: float = 0.0
 
     def add(self, other: DetectResult) -> None:
@@ -62,6 +65,7 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
     settings = cfg.patch_settings()
     rows = mirror.load_mirror(conn, entity, ids)
     shadows = shadow.load_shadows(conn, entity, rows)
+    possibly_applied = outbox.unconfirmed_for(conn, entity, list(rows))
     upserts: list[dict[str, Any]] = []
     clean: list[int] = []
     local_only: list[int] = []
@@ -70,7 +74,13 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
         if row.st_id is None or base is None:
             local_only.append(mid)
             continue
-        diff, patch = plan_record(settings, entity, mid, row.record, base)
+        unconfirmed = [v for stored in possibly_applied.get(mid, ()) for v in unconfirmed_versions(stored)]
+        diff, patch = plan_record(settings, entity, mid, row.record, base, unconfirmed)
+        read_only = read_only_edits(entity, row.record, base)
+        if read_only:  # never sent, never silently kept: flagged and counted; the next pull puts them back
+            mirror.flag_read_only(conn, entity, mid, read_only_error(read_only))
+            result.read_only += 1
+            log.warning("detect.read_only_edited", entity=entity, mirror_id=mid, st_id=row.st_id, columns=read_only)
         if patch is None:
             clean.append(mid)
         elif not patch.valid:
@@ -137,23 +147,24 @@ def detect_all(engine: Engine, cfg: Config) -> DetectResult:
             return total
 
 
-def preview(engine: Engine, cfg: Config) -> list[dict[str, Any]]:
-    """Dry run: the requests that would be sent now (pending outbox rows and undrained changes); writes nothing."""
+def preview_in(conn: Connection, cfg: Config) -> list[dict[str, Any]]:
+    """Dry run: the requests that would be sent now (pending outbox rows and undrained changes), on the caller's
+    connection (after its read-only pull, in the same transaction, which the caller rolls back)."""
     out: list[dict[str, Any]] = []
     settings = cfg.patch_settings()
-    with engine.connect() as conn:
-        for entity in ENTITIES:
-            ids = changelog.ids_undrained(conn, entity) | outbox.ids_pending(conn, entity)
-            rows = mirror.load_mirror(conn, entity, ids)
-            shadows = shadow.load_shadows(conn, entity, rows)
-            for mid in sorted(rows):
-                row, base = rows[mid], shadows.get(mid)
-                if row.st_id is None or base is None:
-                    continue
-                _, patch = plan_record(settings, entity, mid, row.record, base)
-                if patch is not None:
-                    out.append({"entity": entity, "mirror_id": mid, "st_id": row.st_id, "method": "PATCH",
-                                "path": f"/{NAMES[entity].collection}/{row.st_id}", "body": patch.body,
-                                "valid": patch.valid, "problems": patch.problems})
-        conn.rollback()
+    for entity in ENTITIES:
+        ids = changelog.ids_undrained(conn, entity) | outbox.ids_pending(conn, entity)
+        rows = mirror.load_mirror(conn, entity, ids)
+        shadows = shadow.load_shadows(conn, entity, rows)
+        possibly_applied = outbox.unconfirmed_for(conn, entity, list(rows))
+        for mid in sorted(rows):
+            row, base = rows[mid], shadows.get(mid)
+            if row.st_id is None or base is None:
+                continue
+            unconfirmed = [v for stored in possibly_applied.get(mid, ()) for v in unconfirmed_versions(stored)]
+            _, patch = plan_record(settings, entity, mid, row.record, base, unconfirmed)
+            if patch is not None:
+                out.append({"entity": entity, "mirror_id": mid, "st_id": row.st_id, "method": "PATCH",
+                            "path": f"/{NAMES[entity].collection}/{row.st_id}", "body": patch.body,
+                            "valid": patch.valid, "problems": patch.problems})
     return out

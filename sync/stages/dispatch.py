@@ -14,14 +14,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 
 from sync.config import Config
 from sync.core import merge
-from sync.core.diff import strip_key
+from sync.core.diff import strip_key, unconfirmed_versions
 from sync.core.fields import (
     CUSTOMER_LINK,
     FIELDS,
@@ -58,6 +57,8 @@ class Claim:
     diff: dict[str, Any]
     sent: dict[str, Any]
     """the mirror record as sent"""
+    token: int = 0
+    """the claim's fencing token (outbox.claim_token)"""
 
 
 @dataclass
@@ -71,6 +72,8 @@ class DispatchStats:
     rejected: int = 0
     reclaimed: int = 0
     lease_lost: int = 0
+    fenced: int = 0
+    """claims found lost just before sending: nothing sent"""
     by_status: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -96,7 +99,7 @@ class Dispatcher:
     def reclaim_expired(self) -> int:
         """Rows whose lease expired (their worker died) go back to pending, due now."""
         with self.engine.begin() as conn:
-            n = outbox.requeue_expired(conn)
+            n = outbox.requeue_expired(conn, landing_s=self.cfg.servicetitan.timeout_seconds)
         if n:
             self.stats.reclaimed += n
             self.log.warning("outbox.leases_reclaimed", count=n)
@@ -119,7 +122,7 @@ class Dispatcher:
     def release_all(self) -> int:
         """On shutdown: give back rows this worker holds but has not finished (they are resent later)."""
         with self.engine.begin() as conn:
-            return outbox.requeue_held_by(conn, self.worker)
+            return outbox.requeue_held_by(conn, self.worker, landing_s=self.cfg.servicetitan.timeout_seconds)
 
     def claim(self, limit: int) -> list[Claim]:
         """Lease up to ``limit`` due rows and compute each body from the current mirror and shadow."""
@@ -130,8 +133,12 @@ class Dispatcher:
                 return []
             claims: list[Claim] = []
             by_entity: dict[str, list[tuple[int, int, int]]] = {}
-            for oid, entity_name, mid, tries in rows:
+            tokens: dict[int, int] = {}
+            possibly_applied: dict[int, list[dict[str, Any]]] = {}
+            for oid, entity_name, mid, tries, token, unconfirmed in rows:
                 by_entity.setdefault(entity_name, []).append((oid, mid, tries))
+                tokens[oid] = token
+                possibly_applied[oid] = unconfirmed_versions(unconfirmed) if unconfirmed else []
             for name, items in by_entity.items():
                 entity: Entity = "customer" if name == "customer" else "location"
                 # the row's lock first: a pull writes a mirror row and its shadow under that lock in one
@@ -142,7 +149,7 @@ class Dispatcher:
                 for oid, mid, tries in items:
                     row, base = rows_now.get(mid), shadows.get(mid)
                     diff, patch = (None, None) if row is None or base is None or row.st_id is None \
-                        else plan_record(settings, entity, mid, row.record, base)
+                        else plan_record(settings, entity, mid, row.record, base, possibly_applied[oid])
                     if row is None or patch is None:
                         outbox.supersede_claimed(conn, oid)
                         if row is not None:  # nothing left to send: the record is in sync (an operator's
@@ -156,7 +163,7 @@ class Dispatcher:
                     assert row.st_id is not None
                     outbox.set_body(conn, oid, patch.body, diff, row.st_id)
                     claims.append(Claim(oid, entity, mid, row.st_id, tries + 1, patch.body, diff or {},
-                                        row.record))
+                                        row.record, tokens[oid]))
             return claims
 
     def complete(self, c: Claim, resp: ApiResponse, started_at: float) -> Outcome:
@@ -177,9 +184,13 @@ class Dispatcher:
                             started_at=started_at, http_status=resp.status or None, latency_ms=resp.latency_ms,
                             outcome=outcome.value, error=None if outcome is Outcome.SUCCEEDED else error_json,
                             trace_id=resp.trace_id)
-            if not outbox.lock_if_held(conn, c.outbox_id, self.worker):
+            if not outbox.lock_if_held(conn, c.outbox_id, self.worker, c.token):
                 self.stats.lease_lost += 1
                 self.log.warning("outbox.lease_lost", outbox_id=c.outbox_id, entity=c.entity, mirror_id=c.mirror_id)
+                if outcome is not Outcome.DEAD and outcome is not Outcome.RATE_LIMITED and not resp.not_sent:
+                    # it went out under a claim since lost: possibly applied, so possibly ours (pull: an echo)
+                    ours = {col: c.sent.get(col) for col in c.diff}
+                    outbox.add_unconfirmed(conn, c.entity, c.mirror_id, json.dumps([ours], default=str))
                 return outcome
             if outcome is Outcome.SUCCEEDED:
                 self._apply_success(conn, c, resp.body)
@@ -236,6 +247,9 @@ class Dispatcher:
             remote[CUSTOMER_LINK] = old_shadow.get(CUSTOMER_LINK)
         updates: dict[str, Any] = {}
         conflict_fields: list[str] = []
+        ours = set(c.diff)
+        if ours & set(address_columns(c.entity)):  # the address goes whole: every part of it in the answer is ours
+            ours |= set(address_columns(c.entity))
         for f in FIELDS[c.entity]:
             col = f.column
             now_v, remote_v = current.record.get(col), remote.get(col)
@@ -243,7 +257,7 @@ class Dispatcher:
                 continue
             if not f.writable:
                 updates[col] = remote_v
-            elif col in c.diff:
+            elif col in ours:
                 # we sent it: take ServiceTitan's stored form unless it was edited locally again meanwhile
                 if equal(f.kind, now_v, c.sent.get(col)):
                     updates[col] = remote_v
@@ -276,10 +290,13 @@ class Dispatcher:
         """Fields edited locally after the claim and in ServiceTitan since our base (seen in the response):
         resolved by ``sync.conflict_policy`` like the pull does, and recorded."""
         policy = self.cfg.sync.conflict_policy
-        changed_at = changelog.latest_change_at(conn, c.entity, c.mirror_id)
+        # when the local edit made after the claim was committed: still in the change log, or on the row queued
+        # behind this one; unknown is None (ServiceTitan wins), never "now"
+        times = [changelog.latest_change_at(conn, c.entity, c.mirror_id),
+                 *(r[4] for r in outbox.unsent_for(conn, c.entity, [c.mirror_id]))]
+        changed_at = max((t for t in times if t is not None), default=None)
         modified = remote.get("modified_on")
-        winner = merge.resolve(policy, parse_timestamp(modified) if modified else None,
-                               changed_at or datetime.now(UTC))
+        winner = merge.resolve(policy, parse_timestamp(modified) if modified else None, changed_at)
         by_unit: dict[str, list[str]] = {}
         for col in columns:
             by_unit.setdefault(merge.unit_for_column(c.entity, col) or col, []).append(col)
@@ -310,9 +327,23 @@ class Dispatcher:
         finally:
             self.live.discard(c.outbox_id)
 
+    def still_claimed(self, c: Claim) -> bool:
+        """Immediately before the request goes out: this claim is still ours (and ``sent_at`` is stamped)."""
+        with self.engine.begin() as conn:
+            return outbox.mark_sent(conn, c.outbox_id, self.worker, c.token)
+
     async def _send_live(self, c: Claim) -> Outcome:
         started = time.time()
-        resp = await self.client.patch(NAMES[c.entity].collection, c.st_id, c.body)
+
+        async def before_send() -> bool:
+            return await asyncio.to_thread(self.still_claimed, c)
+
+        resp = await self.client.patch(NAMES[c.entity].collection, c.st_id, c.body, before_send=before_send)
+        if resp.fenced:  # frozen past its lease (GC pause, SIGSTOP, a long wait): another worker owns the row
+            self.stats.fenced += 1
+            self.log.warning("outbox.claim_lost_before_send", outbox_id=c.outbox_id, entity=c.entity,
+                             mirror_id=c.mirror_id)
+            return Outcome.RETRY
         outcome = await asyncio.to_thread(self.complete, c, resp, started)
         self.stats.sent += 1
         key = str(resp.status)

@@ -19,9 +19,9 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -98,7 +98,7 @@ class _Work:
 
 
 async def pull(engine: Engine, client: ServiceTitanClient, cfg: Config, *, log: Any = None,
-               progress: ProgressCallback | None = None) -> dict[str, Any]:
+               progress: ProgressCallback | None = None, within: Connection | None = None) -> dict[str, Any]:
     """Drain the customer feed, then the location feed. Returns ``{feed: summary}``.
 
     Raises ``ServiceTitanError`` when ServiceTitan answers an export page with an error (after retries for
@@ -106,15 +106,22 @@ async def pull(engine: Engine, client: ServiceTitanClient, cfg: Config, *, log: 
     last page applied.
     """
     lg = log or _log
-    return {NAMES[e].feed: await pull_feed(engine, client, cfg, e, log=lg, progress=progress) for e in ENTITIES}
+    return {NAMES[e].feed: await pull_feed(engine, client, cfg, e, log=lg, progress=progress, within=within)
+            for e in ENTITIES}
 
 
 async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, entity: Entity, *,
-                    log: Any = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
-    """Follow one export feed until ``hasMore`` is false; one transaction per page."""
+                    log: Any = None, progress: ProgressCallback | None = None,
+                    within: Connection | None = None) -> dict[str, Any]:
+    """Follow one export feed until ``hasMore`` is false; one transaction per page.
+
+    ``within``: apply every page in that connection's open transaction instead (the dry run's read-only pull:
+    the caller rolls it back after predicting what the real cycle would send).
+    """
     lg = log or _log
     feed = NAMES[entity].feed
-    stored, initial_done = await asyncio.to_thread(_read_cursor, engine, feed)
+    await asyncio.to_thread(_restore_read_only, engine, entity, lg, within)
+    stored, initial_done = await asyncio.to_thread(_read_cursor, engine, feed, within)
     token = stored or (None if initial_done else cfg.sync.initial_from)
     totals = FeedStats()
     started = time.monotonic()
@@ -132,7 +139,7 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
                 fetch = asyncio.create_task(_fetch_page(client, cfg, feed, page.continue_from, lg))
             page_started = time.monotonic()
             try:
-                stats = await asyncio.to_thread(_apply_page, engine, cfg, entity, page, stored, fetched, lg)
+                stats = await asyncio.to_thread(_apply_page, engine, cfg, entity, page, stored, fetched, lg, within)
             except CursorMovedError:
                 moved = True
                 lg.warning("pull.cursor_moved", feed=feed)
@@ -239,9 +246,36 @@ async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, c
 # ---------------------------------------------------------------------------------------------------- cursor
 
 
-def _read_cursor(engine: Engine, feed: str) -> tuple[str | None, bool]:
-    with connect(engine) as conn, conn.begin():
+def _restore_read_only(engine: Engine, entity: Entity, log: Any, within: Connection | None = None) -> None:
+    """Read-only columns edited locally (flagged by detect) take ServiceTitan's last-synced values back."""
+    with _transaction(engine, within) as conn:
+        flagged = mirror.read_only_flagged(conn, entity)
+        if not flagged:
+            return
+        bypass_triggers(conn)
+        mirror.lock(conn, entity, flagged)
+        bases = shadow.load_shadows(conn, entity, flagged)
+        for mid, columns in flagged.items():
+            base = bases.get(mid)
+            if base is not None:
+                mirror.update_mirror(conn, entity, mid, {c: base.get(c) for c in columns if c in base})
+            mirror.clear_read_only_flag(conn, entity, mid)
+            log.info("pull.read_only_restored", entity=entity, mirror_id=mid, columns=columns)
+
+
+def _read_cursor(engine: Engine, feed: str, within: Connection | None = None) -> tuple[str | None, bool]:
+    with _transaction(engine, within) as conn:
         return cursors.read(conn, feed)
+
+
+@contextlib.contextmanager
+def _transaction(engine: Engine, within: Connection | None) -> Iterator[Connection]:
+    """A new transaction committed at the end, or the caller's open one (``within``), left open."""
+    if within is not None:
+        yield within
+        return
+    with connect(engine) as conn, conn.begin():
+        yield conn
 
 
 def _lock_cursor(conn: Connection, feed: str, expected: str | None) -> None:
@@ -289,10 +323,10 @@ def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any) 
 
 
 def _apply_page(engine: Engine, cfg: Config, entity: Entity, page: Page, expected: str | None,
-                fetched: dict[int, dict[str, Any] | None], log: Any) -> FeedStats:
+                fetched: dict[int, dict[str, Any] | None], log: Any, within: Connection | None = None) -> FeedStats:
     feed = NAMES[entity].feed
     stats = FeedStats(pages=1, records=len(page.data))
-    with connect(engine) as conn, conn.begin():
+    with _transaction(engine, within) as conn:
         bypass_triggers(conn)
         _lock_cursor(conn, feed, expected)
         recs = _parse_records(entity, page.data, stats, log)
@@ -361,6 +395,7 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
     rows: dict[int, mirror.MirrorRow] = {}
     unsent: dict[int, dict[str, Any]] = {}
     changed_at: dict[int, datetime] = {}
+    dead_at: dict[int, datetime] = {}
     if ids:
         mirror.lock(conn, entity, ids)
         rows = mirror.load_mirror(conn, entity, ids)
@@ -374,9 +409,9 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
                 slot["at"] = max(slot.get("at", updated_at), updated_at)
         if policy == "newest_wins":
             changed_at = changelog.local_change_times(conn, entity, ids)
+            dead_at = outbox.dead_local_change_times(conn, entity, ids)
 
     work = _Work()
-    now = datetime.now(UTC)
     for st_id in sorted(new):
         work.inserts.append((st_id, recs[st_id], _customer_mid(recs[st_id], customer_ids)))
     for st_id, mid in todo.items():
@@ -385,10 +420,12 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
         if row is None:  # deleted between the id lookup and the lock
             continue
         ob = unsent.get(mid, {})
-        local_times = [t for t in (changed_at.get(mid), ob.get("at")) if t is not None]
+        # when the local edit was committed (the change log, the row carrying it, or its dead row); unknown
+        # is None, which newest_wins resolves for ServiceTitan: never "now"
+        local_times = [t for t in (changed_at.get(mid), ob.get("at"), dead_at.get(mid)) if t is not None]
         remote_mod = parse_timestamp(remote["modified_on"]) if remote.get("modified_on") else None
         result = merge(entity, shadows.get(mid), row.record, remote, policy, remote_modified_on=remote_mod,
-                       local_changed_at=max(local_times) if local_times else now, sync_active=cfg.sync.sync_active,
+                       local_changed_at=max(local_times) if local_times else None, sync_active=cfg.sync.sync_active,
                        in_flight=sent_values(ob.get("in_flight"), row.record),
                        unconfirmed=ob.get("unconfirmed", ()))
         if result.stale:

@@ -255,13 +255,13 @@ def test_retry_all_dead_resends_recomputed_bodies(e2e: Env) -> None:
 # ---------------------------------------------------------------------------------------------- discard
 
 
-def test_discard_closes_rows_and_nothing_is_sent(e2e: Env) -> None:
+def test_discard_closes_rows_puts_their_fields_back_and_nothing_is_sent(e2e: Env) -> None:
     d = make_dead_rows(e2e)
     before = len(e2e.sb.requests)
     assert ok(e2e.stsync(d.cfg, "outbox", "discard", str(d.tag_oid))).stdout.strip() == \
-        f"outbox row {d.tag_oid} discarded"
+        f"outbox row {d.tag_oid} discarded; back to the last-synced value: tag_type_ids"
     row = outbox_row(e2e, d.tag_oid)
-    assert row["state"] == "superseded" and row["completed_at"] is not None
+    assert row["state"] == "discarded" and row["completed_at"] is not None
     assert row["last_error"]["discarded"] is True
     assert row["last_error"]["errors"] == {"tagTypeIds": [f"Tag type {UNKNOWN_TAG} does not exist."]}  # kept
     m = mirror(e2e, d.tag_mid)
@@ -272,14 +272,15 @@ def test_discard_closes_rows_and_nothing_is_sent(e2e: Env) -> None:
     sql(e2e.engine, "UPDATE outbox SET state = 'pending', attempts = 0, completed_at = NULL WHERE id = :o",
         o=d.alien_oid)
     ok(e2e.stsync(d.cfg, "outbox", "discard", str(d.alien_oid)))
-    assert outbox_row(e2e, d.alien_oid)["state"] == "superseded"
+    assert outbox_row(e2e, d.alien_oid)["state"] == "discarded"
     assert mirror(e2e, d.alien_mid)["sync_status"] == "discarded"
+    assert mirror(e2e, d.alien_mid)["type"] != "Alien"
 
     ok(e2e.stsync(d.cfg, "once"))
     assert [r for r in e2e.sb.requests[before:] if r.method == "PATCH"] == []
-    assert outbox_counts(e2e) == {"superseded": 2, "succeeded": 2}
+    assert outbox_counts(e2e) == {"discarded": 2, "succeeded": 2}
     m = mirror(e2e, d.tag_mid)
-    assert (m["sync_status"], m["tag_type_ids"]) == ("discarded", [UNKNOWN_TAG])  # the mirror keeps its value
+    assert (m["sync_status"], sorted(m["tag_type_ids"])) == ("discarded", sorted(d.tag_before))  # put back
     assert e2e.sb.get_customer(d.tag_st)["tagTypeIds"] == d.tag_before
 
     one_line_error(e2e.stsync(d.cfg, "outbox", "discard", str(d.ok_oid)), 1, f"outbox row {d.ok_oid} is succeeded")
@@ -337,7 +338,7 @@ def test_status_json_counts_match_the_tables(e2e: Env) -> None:
     counts = outbox_counts(e2e)
     assert counts == {"dead": 1, "pending": 1, "succeeded": 2}
     assert status["outbox"] == {s: counts.get(s, 0) for s in ("pending", "in_flight", "succeeded", "dead",
-                                                              "superseded")}
+                                                              "superseded", "discarded")}
     assert status["dead"] == 1
     assert status["oldest_pending_seconds"] is not None and status["oldest_pending_seconds"] >= 0
     assert status["local_only"] == {"customer": 1, "location": 0}

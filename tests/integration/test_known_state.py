@@ -228,3 +228,229 @@ def test_an_answer_never_unlinks_a_location_from_its_customer(engine: Engine, da
     assert rows(engine, "SELECT state FROM outbox ORDER BY id") == [("succeeded",), ("succeeded",)]
     assert sb.get_location(loc["id"])["customerId"] == newcomer["id"]
     assert [set(p.body) for p in patches(sb)] == [{"name", "externalData"}, {"name", "externalData"}]
+
+
+def test_a_discarded_change_does_not_ride_along_with_the_next_edit(engine: Engine, database_url: str,
+                                                                   sb: Sandbox, linked: dict[int, int]) -> None:
+    cfg = make_cfg(database_url, max_attempts=1)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    tamper = Tamper(create_app(sb))
+    tamper.add("PATCH", r"/customers/\d+$", lambda request, inner: _answer(raw(503, b'{"title": "down"}')))
+    sql(engine, "UPDATE customers SET city = 'Nowhere' WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False, transport=tamper)
+    ((oid, state),) = rows(engine, "SELECT id, state FROM outbox")
+    assert state == "dead"
+    with engine.begin() as conn:
+        assert outbox_admin.discard(conn, oid) == ["city"]
+    assert rows(engine, "SELECT state FROM outbox") == [("discarded",)]
+    assert rows(engine, "SELECT city, sync_status FROM customers WHERE id = :m", m=mid) == [
+        (cust["address"]["city"], "discarded")]
+    sql(engine, "UPDATE customers SET name = 'Next Edit' WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False)
+    (sent,) = patches(sb)[-1:]
+    assert set(sent.body) == {"name", "externalData"}, f"the discarded city rode along: {sent.body}"
+    assert sb.get_customer(cust["id"])["address"]["city"] == cust["address"]["city"]
+
+
+def _dispatcher(engine: Engine, cfg: Config, sb: Sandbox, worker: str) -> Any:
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.dispatch import Dispatcher
+
+    client = ServiceTitanClient(cfg.servicetitan, transport=httpx.ASGITransport(app=create_app(sb)))
+    return Dispatcher(engine, client, cfg, worker)
+
+
+def _detect(engine: Engine, cfg: Config) -> None:
+    from sync.stages.detect import detect_all
+
+    detect_all(engine, cfg)
+
+
+def test_a_frozen_replica_never_sends_its_old_body_over_a_newer_edit(engine: Engine, database_url: str,
+                                                                     sb: Sandbox, linked: dict[int, int]) -> None:
+    import asyncio
+
+    cfg = make_cfg(database_url)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    sql(engine, "UPDATE customers SET name = 'Older Edit' WHERE id = :m", m=mid)
+    _detect(engine, cfg)
+    frozen, other = _dispatcher(engine, cfg, sb, "frozen"), _dispatcher(engine, cfg, sb, "other")
+    (old_claim,) = frozen.claim(1)
+    # frozen (GC pause, SIGSTOP) past its lease: the other replica takes the row back and sends the newer edit
+    sql(engine, "UPDATE outbox SET lease_expires_at = now() - interval '1 second' WHERE id = :o", o=old_claim.outbox_id)
+    assert other.reclaim_expired() == 1
+    sql(engine, "UPDATE customers SET name = 'Newer Edit' WHERE id = :m", m=mid)
+    _detect(engine, cfg)
+
+    async def go() -> None:
+        try:
+            (new_claim,) = await asyncio.to_thread(other.claim, 1)
+            await other._send(new_claim)
+            await frozen._send(old_claim)  # it wakes up and would send what it claimed
+        finally:
+            await frozen.client.aclose()
+            await other.client.aclose()
+
+    asyncio.run(go())
+    assert [p.body["name"] for p in patches(sb)] == ["Newer Edit"]
+    assert sb.get_customer(cust["id"])["name"] == "Newer Edit"
+    assert frozen.stats.fenced == 1
+    assert rows(engine, "SELECT name, sync_status FROM customers WHERE id = :m", m=mid) == [("Newer Edit", "synced")]
+
+
+def test_a_reclaimed_row_waits_until_the_dead_workers_request_can_no_longer_land(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    cfg = make_config(database_url, servicetitan={"timeout_seconds": 3})
+    cust = first_customer(sb)
+    sql(engine, "UPDATE customers SET name = 'Sent Then Died' WHERE id = :m", m=linked[cust["id"]])
+    _detect(engine, cfg)
+    dead, survivor = _dispatcher(engine, cfg, sb, "dead"), _dispatcher(engine, cfg, sb, "survivor")
+    (c,) = dead.claim(1)
+    assert dead.still_claimed(c)  # its request went out; then the worker was killed
+    sql(engine, "UPDATE outbox SET lease_expires_at = now() - interval '1 second' WHERE id = :o", o=c.outbox_id)
+    assert survivor.reclaim_expired() == 1
+    (due_in,) = rows(engine, "SELECT EXTRACT(EPOCH FROM next_attempt_at - now()) FROM outbox WHERE id = :o",
+                     o=c.outbox_id)[0]
+    assert 2.0 < float(due_in) <= 3.0
+    assert survivor.claim(1) == []  # not before the first request could have landed
+    sql(engine, "UPDATE outbox SET next_attempt_at = now() WHERE id = :o", o=c.outbox_id)
+    assert len(survivor.claim(1)) == 1
+
+
+def test_newest_wins_never_takes_now_for_the_time_of_a_local_edit(engine: Engine, database_url: str,
+                                                                  sb: Sandbox, linked: dict[int, int]) -> None:
+    """The local edit's row went dead and the change log is drained: its time is the row's, not "now", so a
+    newer remote edit of the same field wins under newest_wins."""
+    cfg = make_config(database_url, sync={"conflict_policy": "newest_wins"},
+                      retry={"base_delay_seconds": 0.01, "max_delay_seconds": 0.05, "max_attempts": 1})
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    tamper = Tamper(create_app(sb))
+    tamper.add("PATCH", r"/customers/\d+$", lambda request, inner: _answer(raw(503, b'{"title": "down"}')))
+    sql(engine, "UPDATE customers SET name = 'Older Local' WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False, transport=tamper)
+    assert rows(engine, "SELECT state FROM outbox") == [("dead",)]
+    assert rows(engine, "SELECT count(*) FROM change_log") == [(0,)]
+    time.sleep(0.05)
+    sb.edit_customer(cust["id"], name="Newer Remote")
+    cycle(engine, cfg, sb, transport=tamper)
+    assert rows(engine, "SELECT field, outcome FROM conflicts") == [("name", "remote")]
+    assert rows(engine, "SELECT name FROM customers WHERE id = :m", m=mid) == [("Newer Remote",)]
+
+
+def test_a_local_edit_of_a_read_only_column_is_flagged_counted_and_put_back(engine: Engine, database_url: str,
+                                                                            sb: Sandbox,
+                                                                            linked: dict[int, int]) -> None:
+    from sync.commands import status
+
+    cfg = make_cfg(database_url)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    sql(engine, "UPDATE customers SET balance = 999 WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False)
+    assert patches(sb) == []  # never sent
+    (error,) = rows(engine, "SELECT sync_error FROM customers WHERE id = :m", m=mid)[0]
+    assert error["read_only_columns"] == ["balance"] and "balance" in error["message"]
+    with engine.connect() as conn:
+        assert status.collect(conn)["read_only_edits"] == {"customer": 1, "location": 0}
+    cycle(engine, cfg, sb)  # the next pull puts ServiceTitan's value back
+    assert rows(engine, "SELECT balance, sync_error FROM customers WHERE id = :m", m=mid) == [
+        (cust["balance"], None)]
+    assert patches(sb) == []
+
+
+def test_a_revert_after_a_lost_answer_is_sent(engine: Engine, database_url: str, sb: Sandbox,
+                                             linked: dict[int, int]) -> None:
+    """name A -> B is applied but its answer is lost (B possibly applied); the user sets A back: equal to the
+    shadow, yet ServiceTitan may hold B, so A is sent."""
+    from tests.chaos_kit import cut_off
+
+    cfg = make_cfg(database_url, in_doubt_seconds=0)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    original = cust["name"]
+    tamper = Tamper(create_app(sb))
+    tamper.add("PATCH", r"/customers/\d+$", cut_off)
+    sql(engine, "UPDATE customers SET name = 'Lost Answer' WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False, transport=tamper)
+    assert sb.get_customer(cust["id"])["name"] == "Lost Answer"  # applied; the answer never came
+    sql(engine, "UPDATE customers SET name = :n WHERE id = :m", n=original, m=mid)
+    sql(engine, "UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'")
+    cycle(engine, cfg, sb, pull=False)  # detect runs at once on the local write, before any pull
+    cycle(engine, cfg, sb)
+    assert sb.get_customer(cust["id"])["name"] == original
+    assert rows(engine, "SELECT name, sync_status FROM customers WHERE id = :m", m=mid) == [(original, "synced")]
+
+
+def test_our_own_answer_does_not_undo_an_address_conflicts_outcome(engine: Engine, database_url: str,
+                                                                   sb: Sandbox, linked: dict[int, int]) -> None:
+    """City edited locally; the PATCH (whole address) is slow; ServiceTitan changes the state meanwhile; the pull
+    records the address conflict and ServiceTitan wins; then the slow PATCH lands. Both sides must end at the
+    conflict's winner, not at an address neither side had."""
+    import asyncio
+
+    from sync.daemon.service import Daemon
+
+    cfg = make_cfg(database_url)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    sql(engine, "UPDATE customers SET city = 'Local City' WHERE id = :m", m=mid)
+
+    async def go() -> None:
+        d = Daemon(cfg, engine=engine, transport=httpx.ASGITransport(app=create_app(sb)))
+        try:
+            await d.detect_job()
+            (claim,) = await asyncio.to_thread(d.dispatcher.claim, 1)
+            assert set(claim.body["address"]) >= {"city", "state"}
+            sb.edit_customer(cust["id"], address={"state": "ZZ"})
+            await d.pull_job()  # the conflict: ServiceTitan wins the address
+            resp = await d.client.patch("customers", claim.st_id, claim.body)  # the slow PATCH lands now
+            await asyncio.to_thread(d.dispatcher.complete, claim, resp, time.time())
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    assert rows(engine, "SELECT field, outcome FROM conflicts") == [("address", "remote")]
+    for _ in range(3):
+        cycle(engine, cfg, sb)
+    remote = sb.get_customer(cust["id"])["address"]
+    assert (remote["city"], remote["state"]) == (cust["address"]["city"], "ZZ")
+    assert rows(engine, "SELECT city, state FROM customers WHERE id = :m", m=mid) == [(cust["address"]["city"], "ZZ")]
+
+
+def test_a_dry_run_predicts_what_a_real_cycle_sends(engine: Engine, database_url: str, sb: Sandbox,
+                                                    linked: dict[int, int]) -> None:
+    """A pending local edit that a remote edit of the same field beats (remote_wins): the real cycle pulls
+    first and sends nothing; the dry run must predict that, and change nothing."""
+    import asyncio
+
+    from sync.daemon.service import Daemon
+
+    cfg = make_cfg(database_url)
+    cust, other = sorted(sb.customers(), key=lambda c: c["id"])[:2]
+    mid, other_mid = linked[cust["id"]], linked[other["id"]]
+    sql(engine, "UPDATE customers SET name = 'Local Loses' WHERE id = :m", m=mid)
+    sql(engine, "UPDATE customers SET name = 'Local Alone' WHERE id = :m", m=other_mid)
+    sb.edit_customer(cust["id"], name="Remote Wins")
+    before = rows(engine, "SELECT continue_from FROM feed_cursors ORDER BY feed")
+
+    async def dry() -> list[dict[str, Any]]:
+        d = Daemon(cfg, engine=engine, dry_run=True, transport=httpx.ASGITransport(app=create_app(sb)))
+        try:
+            await d.cycle()
+            return d.dry_run_requests
+        finally:
+            await d.close()
+
+    predicted = asyncio.run(dry())
+    assert [(r["mirror_id"], r["body"]["name"]) for r in predicted] == [(other_mid, "Local Alone")]
+    # nothing written: the local edits, the cursors and the conflicts are as they were
+    assert rows(engine, "SELECT name FROM customers WHERE id IN (:a, :b) ORDER BY id", a=mid, b=other_mid) == [
+        ("Local Loses",), ("Local Alone",)] if mid < other_mid else [("Local Alone",), ("Local Loses",)]
+    assert rows(engine, "SELECT continue_from FROM feed_cursors ORDER BY feed") == before
+    assert rows(engine, "SELECT count(*) FROM conflicts") == [(0,)]
+    assert patches(sb) == []
+    cycle(engine, cfg, sb)  # the real cycle sends exactly what was predicted
+    assert [(p.body["name"]) for p in patches(sb)] == ["Local Alone"]
