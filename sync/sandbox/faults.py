@@ -13,7 +13,7 @@ from typing import Any, Literal, cast
 
 from sync.sandbox.model import Entity, Route
 
-FaultKind = Literal["rate_limit", "server_error", "drop", "slow"]
+FaultKind = Literal["rate_limit", "server_error", "drop", "slow", "late_answer"]
 RetryAfterStyle = Literal["seconds", "http-date", "body", "none"]
 RETRY_AFTER_STYLES: tuple[RetryAfterStyle, ...] = ("seconds", "http-date", "body", "none")
 
@@ -28,6 +28,8 @@ class Fault:
     - ``server_error``: ``status`` 5xx; ``html`` gives a load balancer's HTML page instead of JSON.
     - ``drop``: the connection is closed without an answer.
     - ``slow``: ``delay_ms`` added before the request is handled normally.
+    - ``late_answer``: the request is handled at once (a PATCH is applied) and its normal answer, the record as it
+      was then, is held back ``delay_ms`` before it is sent: an answer that may arrive after later edits and pulls.
 
     ``after_apply`` (server_error, drop): the request is processed (a PATCH is applied) and only then does the
     answer fail, the case a client cannot tell from a failure before the write.
@@ -57,14 +59,18 @@ class Fault:
     def slow(cls, delay_ms: float) -> Fault:
         return cls("slow", delay_ms=delay_ms)
 
+    @classmethod
+    def late_answer(cls, delay_ms: float) -> Fault:
+        return cls("late_answer", delay_ms=delay_ms)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Fault:
         kind = data.get("kind")
-        if kind not in ("rate_limit", "server_error", "drop", "slow"):
-            raise ValueError("fault kind must be rate_limit, server_error, drop or slow")
+        if kind not in ("rate_limit", "server_error", "drop", "slow", "late_answer"):
+            raise ValueError("fault kind must be rate_limit, server_error, drop, slow or late_answer")
         style = data.get("retry_after_style", "seconds")
         if style not in RETRY_AFTER_STYLES:
             raise ValueError(f"retry_after_style must be one of {', '.join(RETRY_AFTER_STYLES)}")
@@ -143,6 +149,8 @@ class Faults:
         "retry_after_seconds",
         "retry_after_styles",
         "after_apply_probability",
+        "late_answer_probability",
+        "late_answer_ms",
         "endpoints",
         "record_ids",
     )
@@ -161,6 +169,8 @@ class Faults:
         retry_after_seconds: float = 1.0,
         retry_after_styles: tuple[RetryAfterStyle, ...] = ("seconds", "http-date", "body"),
         after_apply_probability: float = 0.0,
+        late_answer_probability: float = 0.0,
+        late_answer_ms: tuple[float, float] = (500.0, 1500.0),
         endpoints: Iterable[str] | None = None,
         record_ids: Iterable[int] | None = None,
     ) -> None:
@@ -179,6 +189,9 @@ class Faults:
         self.retry_after_styles = tuple(retry_after_styles)
         self.after_apply_probability = after_apply_probability
         """Share of random 5xx/drops on PATCH that happen after the change was applied."""
+        self.late_answer_probability = late_answer_probability
+        """Share of PATCHes applied at once and answered ``late_answer_ms`` later (drawn after the others)."""
+        self.late_answer_ms = late_answer_ms
         self.endpoints: frozenset[str] | None = None if endpoints is None else frozenset(endpoints)
         self.record_ids: frozenset[int] | None = None if record_ids is None else frozenset(record_ids)
         self.rules: list[FaultRule] = []
@@ -257,6 +270,7 @@ class Faults:
             self.rules.clear()
             self.rate_limit_probability = self.server_error_probability = 0.0
             self.drop_probability = self.slow_probability = self.after_apply_probability = 0.0
+            self.late_answer_probability = 0.0
             self.endpoints = self.record_ids = None
 
     def configure(self, **settings: Any) -> None:
@@ -282,9 +296,9 @@ class Faults:
                 if not styles or any(s not in RETRY_AFTER_STYLES for s in styles):
                     raise ValueError(f"retry_after_styles must be among {', '.join(RETRY_AFTER_STYLES)}")
                 self.retry_after_styles = cast("tuple[RetryAfterStyle, ...]", styles)
-            elif name == "slow_ms":
+            elif name in ("slow_ms", "late_answer_ms"):
                 lo, hi = (float(v) for v in value)
-                self.slow_ms = (lo, hi)
+                setattr(self, name, (lo, hi))
             elif name == "endpoints":
                 self.endpoints = None if value is None else frozenset(str(v) for v in value)
             elif name == "record_ids":
@@ -309,6 +323,8 @@ class Faults:
             "retry_after_seconds": self.retry_after_seconds,
             "retry_after_styles": list(self.retry_after_styles),
             "after_apply_probability": self.after_apply_probability,
+            "late_answer_probability": self.late_answer_probability,
+            "late_answer_ms": list(self.late_answer_ms),
             "endpoints": None if self.endpoints is None else sorted(self.endpoints),
             "record_ids": None if self.record_ids is None else sorted(self.record_ids),
             "rules": rules,
@@ -333,7 +349,8 @@ class Faults:
     def _random(self, route: Route) -> Fault | None:
         p429, p5xx = self.rate_limit_probability, self.server_error_probability
         pdrop, pslow = self.drop_probability, self.slow_probability
-        if route.kind != "api" or not (p429 or p5xx or pdrop or pslow):
+        plate = self.late_answer_probability if route.method == "PATCH" else 0.0
+        if route.kind != "api" or not (p429 or p5xx or pdrop or pslow or plate):
             return None
         if self.endpoints is not None and route.endpoint not in self.endpoints:
             return None
@@ -352,6 +369,8 @@ class Faults:
             return Fault.dropped(after_apply=after_apply)
         if r < p429 + p5xx + pdrop + pslow:
             return Fault.slow(rng.uniform(*self.slow_ms))
+        if r < p429 + p5xx + pdrop + pslow + plate:
+            return Fault.late_answer(rng.uniform(*self.late_answer_ms))
         return None
 
 

@@ -150,6 +150,17 @@ class Gateway:
             await self.app(scope, receive, _capturing(send, route, outcome))
             return
         outcome.fault = fault.kind
+        if fault.kind == "late_answer":
+            held: list[Message] = []
+
+            async def hold(message: Message) -> None:
+                held.append(message)
+
+            await self.app(scope, receive, _capturing(hold, route, outcome))  # applied now
+            await asyncio.sleep(fault.delay_ms / 1000.0)
+            for message in held:  # the answer as it was when applied, sent late
+                await send(message)
+            return
         if fault.kind == "rate_limit":
             await _send_429(send, outcome, fault.retry_after, fault.retry_after_style)
             return

@@ -1,5 +1,7 @@
-"""Chaos end to end: `stsync run` as a process, the sandbox on a socket injecting every fault it knows, several
-concurrent writer processes, remote edits, SIGKILLs of the daemon and a PostgreSQL crash-restart.
+"""Chaos end to end: `stsync run` as a process, the sandbox on a socket injecting every fault it knows (answers
+applied at once and sent late, past a pull, among them), several concurrent writer processes, remote edits,
+SIGKILLs of the daemon, a replica frozen (SIGSTOP) past its lease while a second one takes over, and a
+PostgreSQL crash-restart.
 
 The database is a private embedded PostgreSQL (the shared server on this machine must never be restarted: other
 test sessions use it). Figures of a run are printed (``pytest -s``) and recorded in docs/reliability.md.
@@ -62,6 +64,7 @@ logging:
 CUSTOMERS, LOCATIONS = 160, 80
 WRITERS, WRITE_SECONDS, MAX_EDITS_PER_WRITER = 4, 70.0, 2000
 KILLS = 4
+FREEZE_SECONDS = 8.0  # longer than sync.lease_seconds: the frozen replica's leases expire and the other takes over
 PG_DOWN_SECONDS = 6.0  # longer than sync.lease_seconds: leases of a live daemon expire during the outage
 SEED = 20261123
 
@@ -159,9 +162,11 @@ def test_chaos_nothing_lost_nothing_reordered(tmp_path: Path) -> None:
     print("\nCHAOS FIGURES " + json.dumps(figures, default=str))
     print("CHAOS PROBLEMS " + json.dumps(problems, default=str)[:4000])
     assert figures["daemon_sigkills"] == KILLS and figures["postgres_restarts"] == 1
+    assert figures["replica_frozen"] == 1
     assert figures["local_edits"] >= 2000
     faults = figures["faults"]
-    assert all(faults.get(k) for k in ("rate_limit", "server_error", "drop", "slow", "after_apply", "html_502"))
+    assert all(faults.get(k) for k in ("rate_limit", "server_error", "drop", "slow", "after_apply", "html_502",
+                                       "late_answer"))
     assert problems == {}, "CHAOS PROBLEMS " + json.dumps(problems, default=str)[:4000]
 
 
@@ -189,9 +194,10 @@ def run_chaos(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         procs = [ctx.Process(target=writer, args=(url, i, WRITERS, WRITE_SECONDS, MAX_EDITS_PER_WRITER,
                                                   str(outs[i]), SEED + i)) for i in range(WRITERS)]
         daemon: Any = None
+        replica: Any = None
         editor = RemoteEditor(sb, SEED)
         events: list[tuple[float, str]] = []
-        kills = restarts = 0
+        kills = restarts = frozen = 0
         with SandboxServer(sb) as srv:
             try:
                 env = Env(engine, url, sb, srv.url, tmp_path)
@@ -200,6 +206,7 @@ def run_chaos(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                 sb.faults.configure(seed=SEED, rate_limit_probability=0.03, server_error_probability=0.05,
                                     drop_probability=0.03, slow_probability=0.03, slow_ms=(2300, 3300),
                                     after_apply_probability=0.4, retry_after_seconds=1,
+                                    late_answer_probability=0.04, late_answer_ms=(600, 1700),
                                     retry_after_styles=["seconds", "http-date", "body", "none"])
                 # and explicit ones: an HTML 502 burst, a 429 storm, answers lost after the write was applied
                 sb.faults.add(Fault.server_error(502, html=True), times=15, skip=50, method="PATCH")
@@ -229,6 +236,19 @@ def run_chaos(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                     events.append((round(time.monotonic() - t0, 1), "daemon SIGKILLed"))
                     time.sleep(rng.uniform(0.0, 1.5))
                     daemon = env.start(cfg, log_name="chaos")
+                    if kills == 1:  # once: a second replica, and this one frozen past its lease, then thawed
+                        time.sleep(2.0)
+                        replica = env.start(cfg, log_name="chaos-replica")
+                        time.sleep(1.0)
+                        daemon.send_signal(signal.SIGSTOP)
+                        events.append((round(time.monotonic() - t0, 1), "daemon frozen (SIGSTOP), a replica runs"))
+                        time.sleep(FREEZE_SECONDS)
+                        daemon.send_signal(signal.SIGCONT)
+                        frozen += 1
+                        events.append((round(time.monotonic() - t0, 1), "daemon thawed (SIGCONT)"))
+                        time.sleep(2.0)
+                        stop(replica, signal.SIGTERM)
+                        events.append((round(time.monotonic() - t0, 1), "replica stopped"))
                 for p in procs:
                     p.join(timeout=WRITE_SECONDS + 120)
                     assert p.exitcode == 0, "a writer process failed"
@@ -254,14 +274,16 @@ def run_chaos(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                     problems["daemon_exit_code"] = code
             finally:  # never leave a process of ours behind
                 editor.stop_event.set()
-                if daemon is not None and daemon.poll() is None:
-                    stop(daemon, signal.SIGKILL)
+                for proc in (daemon, replica):
+                    if proc is not None and proc.poll() is None:
+                        proc.send_signal(signal.SIGCONT)
+                        stop(proc, signal.SIGKILL)
                 for p in procs:
                     if p.is_alive():
                         p.kill()
                         p.join(5)
             judge(engine, sb, tmp_path, outs, editor, mirror_ids, st_of, initial_dns, figures, problems)
-            figures.update({"daemon_sigkills": kills, "postgres_restarts": restarts,
+            figures.update({"daemon_sigkills": kills, "postgres_restarts": restarts, "replica_frozen": frozen,
                             "postgres_down_s": PG_DOWN_SECONDS, "schedule": events,
                             "duration_s": round(time.monotonic() - started, 1)})
         engine.dispose()
@@ -388,7 +410,8 @@ def judge(engine: Engine, sb: Sandbox, tmp_path: Path, outs: list[Path], editor:
         "daemon_log_events": {k: events_in_logs[k] for k in (
             "outbox.leases_reclaimed", "daemon.database_unreachable", "dispatch.failed", "pull.failed",
             "detect.failed", "workers.failed", "outbox.send_crashed", "outbox.lease_lost", "listen.disconnected",
-            "outbox.released_on_stop") if events_in_logs[k]},
+            "outbox.released_on_stop", "outbox.claim_lost_before_send", "outbox.answer_older_than_known",
+            "outbox.answer_not_a_record") if events_in_logs[k]},
     })
 
 

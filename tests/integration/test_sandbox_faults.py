@@ -283,3 +283,41 @@ def test_ports_are_free_ones_and_servers_run_side_by_side() -> None:
 def test_server_url_needs_a_started_server() -> None:
     with pytest.raises(RuntimeError):
         _ = SandboxServer(Sandbox()).url
+
+
+def test_a_late_answer_is_applied_at_once_and_answered_later() -> None:
+    """``late_answer``: the PATCH is applied when it arrives; its answer (the record as it was then) comes later,
+    so an edit made meanwhile is not in it."""
+    import asyncio
+
+    import httpx
+
+    from sync.sandbox import Fault, Sandbox, create_app
+
+    sb = Sandbox(tenant_id=1, rate_limit_per_second=None)
+    sb.seed(customers=1, locations=1, seed=3)
+    (cust,) = sb.customers()
+    sb.faults.add(Fault.late_answer(400), method="PATCH")
+
+    async def go() -> tuple[httpx.Response, str, float]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(sb)),
+                                     base_url="https://sandbox") as http:
+            token = (await http.post("/connect/token", data={"grant_type": "client_credentials",
+                                                                "client_id": "sandbox-client",
+                                                                "client_secret": "sandbox-secret"})).json()
+            headers = {"Authorization": f"Bearer {token['access_token']}", "ST-App-Key": "sandbox-app-key"}
+            started = asyncio.get_running_loop().time()
+            task = asyncio.create_task(http.patch(f"/crm/v2/tenant/1/customers/{cust['id']}",
+                                                  json={"name": "Applied Early"}, headers=headers))
+            await asyncio.sleep(0.15)
+            seen = sb.get_customer(cust["id"])["name"]
+            sb.edit_customer(cust["id"], doNotMail=not cust["doNotMail"])
+            resp = await task
+            return resp, seen, asyncio.get_running_loop().time() - started
+
+    resp, seen, took = asyncio.run(go())
+    assert seen == "Applied Early"  # applied before the answer left
+    assert resp.status_code == 200 and resp.json()["name"] == "Applied Early"
+    assert resp.json()["doNotMail"] == cust["doNotMail"]  # the record as it was when applied
+    assert took >= 0.4
+    assert [r.fault for r in sb.requests if r.method == "PATCH"] == ["late_answer"]
