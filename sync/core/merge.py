@@ -1,7 +1,9 @@
-"""Three-way merge of one record pulled from ServiceTitan: base (shadow) x local (mirror) x remote (export).
+"""The one reconciler: three-way merge of a version of a record from ServiceTitan, base (shadow) x local (mirror)
+x remote, into the new mirror values, the new shadow and the conflicts.
 
-Pure: canonical records in (``sync.core.fields``), a ``MergeResult`` out; no I/O. The pull (``sync.stages.pull``)
-loads the inputs for a whole page and writes the results.
+Pure: canonical records in (``sync.core.fields``), a ``MergeResult`` out; no I/O. Both places that learn a version
+of a record call ``merge`` and store its result: the pull (``sync.stages.pull``, a feed record) and the dispatcher
+(``sync.stages.dispatch``, a PATCH answer, with ``answer_to``). There is no second merge.
 
 The record is split into *units* that merge independently:
 
@@ -17,6 +19,13 @@ the push path (shadow stays base); changed on both sides to equal values -> agre
 both sides differently -> a conflict, resolved by the policy. Whatever the outcome, the shadow takes the remote
 value (that is what ServiceTitan holds now), so the same remote version seen again is a no-op and a local win
 still shows in the mirror-vs-shadow diff, which the push path sends.
+
+A version older than the shadow's (``modifiedOn``) never undoes it. A PATCH answer (``answer_to``: the values we
+sent) differs from a feed record in three ways: a unit we sent is ours in the answer (ServiceTitan's stored form
+of our value, never a conflict: the mirror takes it unless edited locally again meanwhile, which is then pushed);
+``external_data`` is merged like any unit (the answer carries our application's keys); and a stale answer still
+tells something: where the shadow (a later version) holds the claim's base value for a unit we sent, ServiceTitan
+reverted our value after applying it, and the mirror takes the shadow's value if it was not edited again.
 """
 
 from __future__ import annotations
@@ -143,6 +152,31 @@ def resolve(policy: Policy, remote_modified_on: datetime | None, local_changed_a
     return "local" if local_changed_at > remote_modified_on else "remote"
 
 
+def answer_units(entity: Entity, sync_active: bool) -> tuple[Unit, ...]:
+    """The units of a PATCH answer: ``external_data`` merges like any unit (the answer carries our keys)."""
+    return tuple(Unit(u.name, u.columns, "merge") if u.mode == "ignore" else u for u in units(entity, sync_active))
+
+
+_EXTERNAL: dict[Entity, Unit] = {e: Unit("external_data", ("external_data",), "merge") for e in FIELDS}
+
+
+def _reverted_after_apply(entity: Entity, all_units: Sequence[Unit], shadow: Mapping[str, Any],
+                          local: Mapping[str, Any], sent: Mapping[str, Any],
+                          claimed_base: Mapping[str, Any]) -> dict[str, Any]:
+    """A stale answer: the shadow is a later version. A unit we sent whose later version holds the claim's base
+    value again was reverted in ServiceTitan after our PATCH applied; the mirror takes it (if not edited since)."""
+    out: dict[str, Any] = {}
+    for unit in all_units:
+        if unit.mode != "merge" or not any(unit_for_column(entity, c) == unit.name for c in sent):
+            continue
+        ours = _sent(claimed_base, sent)
+        if (_eq(entity, unit, shadow, claimed_base) and not _eq(entity, unit, shadow, ours)
+                and _eq(entity, unit, local, ours)):
+            by = BY_COLUMN[entity]
+            out.update({c: shadow.get(c) for c in unit.columns if not equal(by[c].kind, shadow.get(c), local.get(c))})
+    return out
+
+
 def is_stale(base: Mapping[str, Any] | None, remote: Mapping[str, Any]) -> bool:
     """The remote version is older than the one the shadow was taken from (a repeat from includeRecentChanges)."""
     if base is None or not base.get("modified_on") or not remote.get("modified_on"):
@@ -164,7 +198,9 @@ def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, An
           remote: Mapping[str, Any], policy: Policy, *, remote_modified_on: datetime | None,
           local_changed_at: datetime | None, sync_active: bool,
           in_flight: Mapping[str, Any] | None = None,
-          unconfirmed: Sequence[Mapping[str, Any]] = ()) -> MergeResult:
+          unconfirmed: Sequence[Mapping[str, Any]] = (),
+          answer_to: Mapping[str, Any] | None = None,
+          claimed_base: Mapping[str, Any] | None = None) -> MergeResult:
     """Merge one remote record into the mirror row ``local`` against the shadow ``base``.
 
     ``local`` None: the record is new to the mirror; it is inserted as is (mirror and shadow := remote).
@@ -174,22 +210,32 @@ def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, An
     before its answer was processed) is an agreement, not a conflict.
     ``unconfirmed``: what earlier attempts sent whose answers were lost ({column: value} each): ServiceTitan may
     have applied any of them, so a remote value equal to one of them is ours too.
+    ``answer_to``: ``remote`` is ServiceTitan's answer to our PATCH that sent these {column: value}
+    (``claimed_base``: the shadow that PATCH was planned against); see the module docstring.
     """
     if local is None:
         rec = dict(remote)
         return MergeResult(mirror_updates=rec, new_shadow=dict(rec), shadow_changed=True, inserted=True)
+    answer = answer_to is not None
+    all_units = answer_units(entity, sync_active) if answer else units(entity, sync_active)
     if is_stale(base, remote):
-        return MergeResult(mirror_updates={}, new_shadow=dict(base or {}), stale=True)
-    all_units = units(entity, sync_active)
-    if base is not None and is_echo(entity, base, remote, sync_active=sync_active):
+        reverted = {} if answer_to is None or base is None or claimed_base is None else \
+            _reverted_after_apply(entity, all_units, base, local, answer_to, claimed_base)
+        kept = {**local, **reverted}
+        return MergeResult(mirror_updates=reverted, new_shadow=dict(base or {}), stale=True,
+                           push_needed=base is not None and any(
+                               not _eq(entity, u, kept, base) for u in all_units if u.mode != "remote"))
+    if base is not None and is_echo(entity, base, remote, sync_active=sync_active) and (
+            not answer or _eq(entity, _EXTERNAL[entity], remote, base)):
         # an echo (our own PATCH, a repeat from includeRecentChanges): nothing to write at all
         return MergeResult(mirror_updates={}, new_shadow=dict(base),
                            push_needed=any(not _eq(entity, u, local, base) for u in all_units
                                            if u.mode != "remote"))
 
     # every body of ours ServiceTitan may have applied (or is applying): a remote value equal to one is ours
-    versions = [dict(v) for v in (*unconfirmed, in_flight or {}) if v]
+    versions = [dict(v) for v in (*unconfirmed, in_flight or {}, answer_to or {}) if v]
     forced = {u for u in (unit_for_column(entity, c) for v in versions for c in v) if u is not None}
+    answered = {u for u in (unit_for_column(entity, c) for c in answer_to or {}) if u is not None}
     new_shadow: dict[str, Any] = dict(base) if base is not None else {}
     final: dict[str, Any] = dict(local)
     updates: dict[str, Any] = {}
@@ -216,6 +262,11 @@ def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, An
             continue
         if unit.mode == "remote":
             take_remote(unit, shadow=True, mirror=True)
+            continue
+        if unit.name in answered:
+            # our own value as ServiceTitan stored it: the mirror takes that form, unless edited again meanwhile
+            assert answer_to is not None
+            take_remote(unit, shadow=True, mirror=_eq(entity, unit, local, _sent(b, answer_to)))
             continue
         remote_changed = base is None or not _eq(entity, unit, remote, b)
         if not remote_changed:

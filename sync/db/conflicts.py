@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import Connection, text
+
+from sync.core.merge import Conflict
 
 
 def record(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
@@ -18,6 +21,14 @@ def record(conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
                     VALUES (:e, :m, :s, :f, CAST(:b AS jsonb), CAST(:l AS jsonb), CAST(:r AS jsonb), :p, :o)"""),
             list(rows),
         )
+
+
+def record_merged(conn: Connection, entity: str, mirror_id: int, st_id: int, policy: str,
+                  found: Sequence[Conflict]) -> None:
+    """Insert the conflicts the reconciler (``core.merge``) found in one record."""
+    record(conn, [{"e": entity, "m": mirror_id, "s": st_id, "f": c.field, "b": json.dumps(c.base, default=str),
+                   "l": json.dumps(c.local, default=str), "r": json.dumps(c.remote, default=str), "p": policy,
+                   "o": c.outcome} for c in found])
 
 
 def recent(conn: Connection, *, limit: int, entity: str | None = None) -> list[dict[str, Any]]:

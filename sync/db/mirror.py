@@ -127,15 +127,17 @@ def _db_value(entity: Entity, column: str, value: Any) -> tuple[str, Any, Any]:
 _STATUS_SQL: dict[str, str] = {
     "synced": "sync_status = 'synced', sync_error = NULL, synced_at = now()",
     "pending": "sync_status = 'pending'",
+    "resend": "sync_status = 'pending', sync_error = NULL, synced_at = now()",
 }
 
 
 def update_mirror(conn: Connection, entity: Entity, mirror_id: int, values: Mapping[str, Any], *,
-                  customer_mirror_id: int | None = None, status: Literal["synced", "pending"] | None = None) -> None:
+                  customer_mirror_id: int | None = None,
+                  status: Literal["synced", "pending", "resend"] | None = None) -> None:
     """Set mirror columns from canonical values. ``customer_st_id`` needs ``customer_mirror_id`` resolved.
 
     ``status``: set ``sync_status`` in the same UPDATE (``synced`` also clears ``sync_error`` and stamps
-    ``synced_at``).
+    ``synced_at``; ``resend``: a 2xx applied, but the row differs from its new base and is pending again).
     """
     sets: list[str] = []
     params: dict[str, Any] = {"mid": mirror_id}

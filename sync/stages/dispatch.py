@@ -14,6 +14,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -23,15 +24,12 @@ from sync.core import merge
 from sync.core.diff import strip_key, unconfirmed_versions
 from sync.core.fields import (
     CUSTOMER_LINK,
-    FIELDS,
     NAMES,
     Entity,
     address_columns,
-    equal,
     parse_timestamp,
     record_from_api,
 )
-from sync.core.merge import is_stale
 from sync.core.plan import dead_answer, not_a_record, plan_record
 from sync.core.retry import Outcome, backoff_seconds, classify
 from sync.db import attempts, changelog, conflicts, mirror, outbox, rejected, shadow
@@ -59,6 +57,8 @@ class Claim:
     """the mirror record as sent"""
     token: int = 0
     """the claim's fencing token (outbox.claim_token)"""
+    base: dict[str, Any] = field(default_factory=dict)
+    """the shadow the body was planned against"""
 
 
 @dataclass
@@ -163,7 +163,7 @@ class Dispatcher:
                     assert row.st_id is not None
                     outbox.set_body(conn, oid, patch.body, diff, row.st_id)
                     claims.append(Claim(oid, entity, mid, row.st_id, tries + 1, patch.body, diff or {},
-                                        row.record, tokens[oid]))
+                                        row.record, tokens[oid], dict(base or {})))
             return claims
 
     def complete(self, c: Claim, resp: ApiResponse, started_at: float) -> Outcome:
@@ -189,7 +189,7 @@ class Dispatcher:
                 self.log.warning("outbox.lease_lost", outbox_id=c.outbox_id, entity=c.entity, mirror_id=c.mirror_id)
                 if outcome is not Outcome.DEAD and outcome is not Outcome.RATE_LIMITED and not resp.not_sent:
                     # it went out under a claim since lost: possibly applied, so possibly ours (pull: an echo)
-                    ours = {col: c.sent.get(col) for col in c.diff}
+                    ours = self._answered(c)
                     outbox.add_unconfirmed(conn, c.entity, c.mirror_id, json.dumps([ours], default=str))
                 return outcome
             if outcome is Outcome.SUCCEEDED:
@@ -210,7 +210,7 @@ class Dispatcher:
                 # no answer, a 5xx or garbage: ServiceTitan may have applied it. Remember what was sent, so the
                 # pull takes those values for our own echo, not for a remote edit (docs/push.md)
                 in_doubt = resp.status == 0 or resp.status >= 500 or 200 <= resp.status < 300
-                sent = {col: c.sent.get(col) for col in c.diff} if in_doubt else None
+                sent = self._answered(c) if in_doubt else None
                 outbox.requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=delay, attempts=c.attempt,
                                status=resp.status or None, error=error_json,
                                unconfirmed=json.dumps([sent], default=str) if sent else None)
@@ -222,101 +222,67 @@ class Dispatcher:
         return outcome
 
     def _apply_success(self, conn: Connection, c: Claim, body: dict[str, Any]) -> None:
-        """shadow := response; the mirror takes what ServiceTitan stored where it normalised what we sent."""
+        """The answer is a version of the record: the one reconciler (``core.merge.merge``, as the pull uses it)
+        decides the mirror, the shadow and any conflicts; this stores its result in one mirror UPDATE."""
         key = self.cfg.servicetitan.mirror_id_key
         remote = record_from_api(c.entity, body)
         remote["external_data"] = strip_key(remote["external_data"], key)
         current = mirror.load_mirror(conn, c.entity, [c.mirror_id], for_update=True).get(c.mirror_id)
-        old_shadow = shadow.load_shadows(conn, c.entity, [c.mirror_id]).get(c.mirror_id, {})
+        old_shadow = shadow.load_shadows(conn, c.entity, [c.mirror_id]).get(c.mirror_id)
         if current is None:
             shadow.write_shadow(conn, c.entity, c.mirror_id, c.st_id, remote)
             return
         bypass_triggers(conn)
-        if is_stale(old_shadow, remote):
-            # older than a version a pull has already applied (which saw this request applied, since the
-            # answer's version came first): the answer says nothing new, and must not undo that pull
-            self.log.info("outbox.answer_older_than_known", outbox_id=c.outbox_id, entity=c.entity,
-                          st_id=c.st_id, answer_modified_on=remote.get("modified_on"),
-                          known_modified_on=old_shadow.get("modified_on"))
-            self._settle(conn, c, current.record, old_shadow)
-            return
         link = remote.get(CUSTOMER_LINK)
         if link is not None and not mirror.customer_mirror_ids(conn, [link]):
             # moved in ServiceTitan to a customer the mirror does not have yet: keep the known link (never
             # NULL for "not known yet"); the next pull fetches that customer and applies the move
-            remote[CUSTOMER_LINK] = old_shadow.get(CUSTOMER_LINK)
-        updates: dict[str, Any] = {}
-        conflict_fields: list[str] = []
-        ours = set(c.diff)
-        if ours & set(address_columns(c.entity)):  # the address goes whole: every part of it in the answer is ours
-            ours |= set(address_columns(c.entity))
-        for f in FIELDS[c.entity]:
-            col = f.column
-            now_v, remote_v = current.record.get(col), remote.get(col)
-            if equal(f.kind, now_v, remote_v):
-                continue
-            if not f.writable:
-                updates[col] = remote_v
-            elif col in ours:
-                # we sent it: take ServiceTitan's stored form unless it was edited locally again meanwhile
-                if equal(f.kind, now_v, c.sent.get(col)):
-                    updates[col] = remote_v
-            elif not equal(f.kind, remote_v, old_shadow.get(col)):
-                # changed in ServiceTitan since our base and not sent by us: a remote edit the pull has not seen
-                if equal(f.kind, now_v, old_shadow.get(col)):
-                    updates[col] = remote_v
-                else:
-                    conflict_fields.append(col)
-        if conflict_fields:
-            self._resolve_conflicts(conn, c, current.record, old_shadow, remote, conflict_fields, updates)
+            remote[CUSTOMER_LINK] = (old_shadow or {}).get(CUSTOMER_LINK)
+        policy = self.cfg.sync.conflict_policy
+        modified = remote.get("modified_on")
+        result = merge.merge(c.entity, old_shadow, current.record, remote, policy,
+                             remote_modified_on=parse_timestamp(modified) if modified else None,
+                             local_changed_at=self._local_changed_at(conn, c) if policy == "newest_wins" else None,
+                             sync_active=self.cfg.sync.sync_active, answer_to=self._answered(c),
+                             claimed_base=c.base)
+        if result.stale:
+            # older than a version a pull has already applied (which saw this request applied, since the
+            # answer's version came first): the answer must not undo that pull
+            self.log.info("outbox.answer_older_than_known", outbox_id=c.outbox_id, entity=c.entity,
+                          st_id=c.st_id, answer_modified_on=remote.get("modified_on"),
+                          known_modified_on=(old_shadow or {}).get("modified_on"),
+                          reverted=sorted(result.mirror_updates) or None)
+        updates = result.mirror_updates
         customer_mirror_id = None
         if CUSTOMER_LINK in updates:
             customer_mirror_id = mirror.customer_mirror_ids(conn, [updates[CUSTOMER_LINK]]).get(
                 updates[CUSTOMER_LINK])
-        mirror.update_mirror(conn, c.entity, c.mirror_id, updates, customer_mirror_id=customer_mirror_id)
-        shadow.write_shadow(conn, c.entity, c.mirror_id, c.st_id, remote)
-        self._settle(conn, c, {**current.record, **updates}, remote)
-
-    def _settle(self, conn: Connection, c: Claim, local: dict[str, Any], base: dict[str, Any]) -> None:
-        """The mirror row's status after a 2xx: synced, or pending again when it still differs from its base
-        (local edits made while the request was in flight, or kept over a remote edit: pushed next)."""
-        mirror.update_mirror(conn, c.entity, c.mirror_id, {}, status="synced")  # clears sync_error, stamps
-        if any(not equal(f.kind, local.get(f.column), base.get(f.column)) for f in FIELDS[c.entity] if f.writable):
+        # pending again when it still differs from its new base (edited while the request was in flight, or
+        # kept over a remote edit): pushed next
+        mirror.update_mirror(conn, c.entity, c.mirror_id, updates, customer_mirror_id=customer_mirror_id,
+                             status="resend" if result.push_needed else "synced")
+        if result.push_needed:
             changelog.log_recheck(conn, c.entity, [c.mirror_id])
-            mirror.update_mirror(conn, c.entity, c.mirror_id, {}, status="pending")
+        if not result.stale:
+            shadow.write_shadow(conn, c.entity, c.mirror_id, c.st_id, result.new_shadow)
+        conflicts.record_merged(conn, c.entity, c.mirror_id, c.st_id, policy, result.conflicts)
+        for found in result.conflicts:
+            self.log.info("outbox.conflict", entity=c.entity, mirror_id=c.mirror_id, st_id=c.st_id,
+                          field=found.field, policy=policy, outcome=found.outcome)
 
-    def _resolve_conflicts(self, conn: Connection, c: Claim, local: dict[str, Any], base: dict[str, Any],
-                           remote: dict[str, Any], columns: list[str], updates: dict[str, Any]) -> None:
-        """Fields edited locally after the claim and in ServiceTitan since our base (seen in the response):
-        resolved by ``sync.conflict_policy`` like the pull does, and recorded."""
-        policy = self.cfg.sync.conflict_policy
-        # when the local edit made after the claim was committed: still in the change log, or on the row queued
-        # behind this one; unknown is None (ServiceTitan wins), never "now"
+    def _answered(self, c: Claim) -> dict[str, Any]:
+        """What the PATCH carried, {column: value}: the diff's columns, and the whole address if any part of it."""
+        cols = set(c.diff)
+        if cols & set(address_columns(c.entity)):
+            cols |= set(address_columns(c.entity))
+        return {col: c.sent.get(col) for col in cols}
+
+    def _local_changed_at(self, conn: Connection, c: Claim) -> datetime | None:
+        """When the local edit that may conflict with the answer was committed: still in the change log, or on the
+        row queued behind this one, or this row's own; unknown is None (ServiceTitan wins), never "now"."""
         times = [changelog.latest_change_at(conn, c.entity, c.mirror_id),
                  *(r[4] for r in outbox.unsent_for(conn, c.entity, [c.mirror_id]))]
-        changed_at = max((t for t in times if t is not None), default=None)
-        modified = remote.get("modified_on")
-        winner = merge.resolve(policy, parse_timestamp(modified) if modified else None, changed_at)
-        by_unit: dict[str, list[str]] = {}
-        for col in columns:
-            by_unit.setdefault(merge.unit_for_column(c.entity, col) or col, []).append(col)
-        if "address" in by_unit:  # the address is one value: it is won or lost whole
-            by_unit["address"] = list(address_columns(c.entity))
-        found: list[dict[str, Any]] = []
-        for unit, cols in by_unit.items():
-            if winner == "remote":
-                updates.update({col: remote.get(col) for col in cols})
-
-            single = len(cols) == 1 and unit == cols[0]
-
-            def pick(rec: dict[str, Any], cols: list[str] = cols, single: bool = single) -> Any:
-                return rec.get(cols[0]) if single else {k: rec.get(k) for k in cols}
-
-            found.append({"e": c.entity, "m": c.mirror_id, "s": c.st_id, "f": unit, "b": json.dumps(pick(base)),
-                          "l": json.dumps(pick(local)), "r": json.dumps(pick(remote)), "p": policy, "o": winner})
-            self.log.info("outbox.conflict", entity=c.entity, mirror_id=c.mirror_id, st_id=c.st_id, field=unit,
-                          policy=policy, outcome=winner)
-        conflicts.record(conn, found)
+        return max((t for t in times if t is not None), default=None)
 
     # ---------------------------------------------------------------------------------------- async
 

@@ -140,6 +140,39 @@ def test_a_late_answer_does_not_undo_a_pulled_edit(engine: Engine, database_url:
     assert rows(engine, "SELECT state FROM outbox") == [("succeeded",)]
 
 
+def test_a_late_answer_does_not_undo_a_remote_revert_of_our_value(engine: Engine, database_url: str, sb: Sandbox,
+                                                                  linked: dict[int, int]) -> None:
+    """Ours applied; ServiceTitan's user set the old name back; a pull saw that (with our request in flight it
+    cannot tell a revert from "not applied yet"); our answer, older, arrives: the revert stands on both sides."""
+    cfg = make_cfg(database_url)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    import asyncio
+
+    from sync.daemon.service import Daemon
+
+    sql(engine, "UPDATE customers SET name = 'Renamed Locally' WHERE id = :m", m=mid)
+
+    async def go() -> None:
+        d = Daemon(cfg, engine=engine, transport=httpx.ASGITransport(app=create_app(sb)))
+        try:
+            await d.detect_job()
+            (claim,) = await asyncio.to_thread(d.dispatcher.claim, 1)
+            resp = await d.client.patch("customers", claim.st_id, claim.body)
+            time.sleep(0.01)
+            sb.edit_customer(cust["id"], name=cust["name"])  # the revert, after ours applied
+            await d.pull_job()
+            await asyncio.to_thread(d.dispatcher.complete, claim, resp, time.time())
+            await d.cycle()
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    assert rows(engine, "SELECT name, sync_status FROM customers WHERE id = :m", m=mid) == [(cust["name"], "synced")]
+    assert sb.get_customer(cust["id"])["name"] == cust["name"]
+    assert len(patches(sb)) == 1  # the reverted value was not sent again
+
+
 def test_a_claim_reads_the_mirror_row_and_its_shadow_as_one_pair(engine: Engine, database_url: str,
                                                                  sb: Sandbox, linked: dict[int, int]) -> None:
     """A pull commits the mirror row and its shadow together, under the row's lock; a claim that reads the row
