@@ -310,6 +310,7 @@ servicetitan:
 sync:
   pull_interval_seconds: {pull_interval}
   batch_size: {batch_size}
+  check_before_send: {check}
 logging:
   level: INFO
   format: json
@@ -317,9 +318,10 @@ logging:
 
 
 def write_config(path: Path, *, url: str, api: str, rps: float = 60, concurrency: int = 32,
-                 pull_interval: float = 3600, batch_size: int = 500) -> Path:
+                 pull_interval: float = 3600, batch_size: int = 500, check_before_send: bool = True) -> Path:
     path.write_text(CONFIG.format(url=url, api=api, rps=rps, concurrency=concurrency, guid=APP_GUID,
-                                  pull_interval=pull_interval, batch_size=batch_size))
+                                  pull_interval=pull_interval, batch_size=batch_size,
+                                  check="true" if check_before_send else "false"))
     return path
 
 

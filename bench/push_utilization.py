@@ -8,11 +8,15 @@ rows); then `stsync run` (requests_per_second = --rate) until the outbox is drai
 Figures (from the sandbox's request log, i.e. what ServiceTitan would see): achieved PATCH requests/s between
 the first and the last PATCH / the limit (target >= 0.98), 429 share of all PATCHes (target < 0.5%), time to
 drain (daemon start -> outbox empty), the rate per 10-s window, and the daemon's peak RSS (wait4 ru_maxrss)
-and CPU per request. --profile-seconds attaches py-spy to the daemon mid-drain.
+and CPU per request. The check before sending (docs/push.md): list requests made (`checks`), their share of the
+rate budget (`check_share_of_budget_pct`), and the window per PATCH, from the last list request that named the
+record to the PATCH's arrival (`check_window_s`: median, p99, max). --no-check turns it off.
+--profile-seconds attaches py-spy to the daemon mid-drain.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import shutil
 import subprocess
@@ -20,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from common import (
     PY,
@@ -63,6 +68,7 @@ def main() -> None:
     p.add_argument("--exp-window-guard", type=float, default=None,
                    help="experiment: a sliding-window limiter over release times with this guard in seconds "
                         "(see bench/experiments/capped_pause.py)")
+    p.add_argument("--no-check", action="store_true", help="sync.check_before_send: false")
     p.add_argument("--profile-seconds", type=float, default=0.0,
                    help="py-spy the daemon for this long, from 15 s after the first PATCH (0: no profile)")
     args = p.parse_args()
@@ -76,7 +82,7 @@ def main() -> None:
                            latency_ms=latency_range(args.latency_ms), log_dir=tmp) as sb:
         client_rate = args.client_rate or args.rate
         cfg = write_config(tmp / "stsync.yaml", url=url, api=sb.url, rps=client_rate,
-                           concurrency=args.max_concurrency)
+                           concurrency=args.max_concurrency, check_before_send=not args.no_check)
         say("loading the mirror with `stsync once` (the real pull) ...")
         t = time.monotonic()
         out = subprocess.run(stsync_cmd(cfg, "once"), capture_output=True, text=True, timeout=1800)
@@ -160,6 +166,8 @@ def main() -> None:
 
     figures = analyse(reqs, args.rate, n, t_start, t_done)
     tag = f"push-{args.rate:g}rps-client{client_rate:g}-c{args.max_concurrency}-{n}"
+    if args.no_check:
+        tag += "-nocheck"
     if args.exp_max_pause is not None:
         tag += f"-pause{args.exp_max_pause:g}"
         figures["exp_max_pause_s"] = args.exp_max_pause
@@ -243,7 +251,27 @@ def analyse(reqs: list[dict[str, Any]], limit: float, n: int, t_start: float, t_
         while ok[j] <= x - 1.0:
             j += 1
         worst = max(worst, i - j + 1)
+    # the check before sending: list requests naming records (GET /customers?ids=..., /locations?ids=...)
+    checks = [r for r in reqs if r["method"] == "GET" and r["endpoint"] in ("GET /customers", "GET /locations")
+              and "ids" in parse_qs(r.get("query") or "")]
+    checked_at: dict[int, list[float]] = {}
+    for r in checks:
+        for i in parse_qs(r["query"])["ids"][0].split(","):
+            checked_at.setdefault(int(i), []).append(r["time"])
+    gaps: list[float] = []
+    for r in patches:
+        if 200 <= r["status"] < 300 and r["record_id"] is not None:
+            times = checked_at.get(r["record_id"], [])
+            i = bisect.bisect_right(times, r["time"])
+            if i:
+                gaps.append(r["time"] - times[i - 1])
+    in_span = [r for r in checks if first <= r["time"] <= last]
     return {
+        "checks": len(checks), "checks_per_patch": round(len(checks) / max(1, len(patches)), 4),
+        "check_share_of_budget_pct": round(100 * len(in_span) / span / limit, 2),
+        "patches_checked": len(gaps),
+        "check_window_s": {"median": median(gaps), "p99": percentile(gaps, 99),
+                           "max": round(max(gaps), 3) if gaps else None},
         "patches_ok": len(ok), "patches_429": len(r429), "patches_other": len(other),
         "share_429_pct": round(100 * len(r429) / max(1, len(patches)), 3),
         "achieved_rps": round(achieved, 2), "utilization": round(achieved / limit, 4),

@@ -121,6 +121,11 @@ class SyncConfig(_Section):
     sync_active: bool = True
     """Push the ``active`` flag (ServiceTitan's docs and spec disagree on whether PATCH may change it)."""
     include_recent_changes: bool = True
+    check_before_send: bool = True
+    """List the records of each claimed batch (one ``GET ?ids=`` per 50) and merge any changed in ServiceTitan
+    since their shadow before sending (docs/push.md, "The check before sending")."""
+    check_min_interval_seconds: float = Field(default=0.6, ge=0, le=60)
+    """At most one such check per this many seconds: 0.6 keeps checks under 3% of a 60 requests/s budget."""
     initial_from: str | None = None
     """Start the initial load from this date (YYYY-MM-DD) instead of the beginning of the feed."""
     batch_size: int = Field(default=500, ge=1, le=10_000)

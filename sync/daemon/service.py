@@ -23,6 +23,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import Connection, Engine
 
 from sync.config import Config
+from sync.core.fields import Entity
 from sync.daemon.health import Probes, serve
 from sync.daemon.listener import NotifyListener
 from sync.daemon.metrics import Metrics
@@ -35,7 +36,7 @@ from sync.servicetitan.client import ServiceTitanClient
 from sync.stages.detect import detect_all, preview_in
 from sync.stages.dispatch import Dispatcher
 from sync.stages.housekeeping import prune
-from sync.stages.pull import pull
+from sync.stages.pull import apply_fetched, pull
 
 log = get_logger("stsync.daemon")
 
@@ -63,7 +64,8 @@ class Daemon:
         self.metrics = Metrics()
         self.metrics.attach_database(self.engine)
         self.metrics.watch_limiter(self.client.limiter)
-        self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, on_answer=self.metrics.record_answer)
+        self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, on_answer=self.metrics.record_answer,
+                                     refresh=self._refresh if cfg.sync.check_before_send else None)
         self._running: set[asyncio.Task[Any]] = set()
         self._active: set[str] = set()
         """Scheduler jobs running right now (by job id)."""
@@ -77,6 +79,12 @@ class Daemon:
         self.dry_run_requests: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------------------------------ jobs
+
+    async def _refresh(self, entity: Entity, data: list[dict[str, Any]]) -> None:
+        """The dispatcher's check found these records changed in ServiceTitan: merge them as the pull would."""
+        stats = await apply_fetched(self.engine, self.client, self.cfg, entity, data, log=self.log)
+        self.log.info("pull.fetched_applied", entity=entity, records=stats.records, applied=stats.applied,
+                      conflicts=stats.conflicts, skipped=stats.skipped)
 
     async def _guard(self, job: str, coro: Any) -> dict[str, Any]:
         """Run a job body; an outage is logged as one line and survived (the next run retries)."""

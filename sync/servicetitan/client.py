@@ -14,7 +14,7 @@ import email.utils
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +39,9 @@ SHARED_PAUSE_MAX_S = 0.25
 """... for the Retry-After but at most this long; the rejected requests themselves wait their full Retry-After,
 and each 429 has lowered the rate a step (bench/: three 1-s stops cost 1% of a 20k drain)."""
 TOKEN_RETRY_S = 5.0
+IDS_PER_LIST = 50
+"""The most ids one ``GET /customers`` / ``GET /locations`` takes (the spec says so for locations; the same for
+customers, whose page size is 50 by default)."""
 """After a failed token fetch, every sender waits this long (the outage is not any one record's fault)."""
 _RETRY_IN_BODY = re.compile(r"try again in (\d+(?:\.\d+)?) second", re.IGNORECASE)
 
@@ -218,6 +221,13 @@ class ServiceTitanClient:
 
     async def get(self, collection: str, st_id: int) -> ApiResponse:
         return await self.request("GET", f"/{collection}/{st_id}")
+
+    async def list_by_ids(self, collection: str, st_ids: Sequence[int]) -> ApiResponse:
+        """``GET /{collection}?ids=...`` (at most ``IDS_PER_LIST`` ids), inactive records included."""
+        if not 0 < len(st_ids) <= IDS_PER_LIST:
+            raise ValueError(f"list_by_ids takes 1 to {IDS_PER_LIST} ids, not {len(st_ids)}")
+        return await self.request("GET", f"/{collection}", params={
+            "ids": ",".join(str(i) for i in st_ids), "pageSize": len(st_ids), "active": "Any"})
 
     async def export(self, collection: str, continue_from: str | None, *,
                      include_recent_changes: bool) -> ApiResponse:

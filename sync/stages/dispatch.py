@@ -9,10 +9,11 @@ and shadow when a row is claimed, so a request never carries an older state than
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,16 +32,25 @@ from sync.core.fields import (
     record_from_api,
 )
 from sync.core.plan import dead_answer, not_a_record, plan_record
+from sync.core.presend import changed_since
 from sync.core.retry import Outcome, backoff_seconds, classify
 from sync.db import attempts, changelog, conflicts, mirror, outbox, rejected, shadow
 from sync.db.engine import bypass_triggers
 from sync.log import get_logger
-from sync.servicetitan.client import ApiResponse, ServiceTitanClient
+from sync.servicetitan.client import IDS_PER_LIST, ApiResponse, ServiceTitanClient
 
 log = get_logger("stsync.dispatch")
 
 SendObserver = Callable[[str, ApiResponse, Outcome], None]
 """Called after every answer with (entity, answer, outcome): how the daemon counts requests in its metrics."""
+Refresher = Callable[[Entity, list[dict[str, Any]]], Awaitable[Any]]
+"""Merges records ServiceTitan changed since their shadow (API dicts) into the mirror and shadow: the pull's
+reconciler (``sync.stages.pull.apply_fetched``), wired by the daemon."""
+
+CHECK_BATCH = IDS_PER_LIST
+"""Rows claimed and checked with one list request: at full rate one check per 50 PATCHes (2% of the budget)."""
+CHECK_MAX_AGE_S = 1.5
+"""A checked row not sent within this long is checked again before it is sent (a 429 pause, a slow limiter)."""
 
 
 @dataclass
@@ -74,6 +84,13 @@ class DispatchStats:
     lease_lost: int = 0
     fenced: int = 0
     """claims found lost just before sending: nothing sent"""
+    checks: int = 0
+    """list requests made to check claimed records before sending them"""
+    checks_failed: int = 0
+    changed_remotely: int = 0
+    """claimed records found changed in ServiceTitan since their shadow: merged first, their bodies recomputed"""
+    check_age_max_s: float = 0.0
+    """the longest time from a check to the send of a record it checked"""
     by_status: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -82,7 +99,8 @@ class DispatchStats:
 
 class Dispatcher:
     def __init__(self, engine: Engine, client: ServiceTitanClient, cfg: Config, worker: str, *,
-                 rng: random.Random | None = None, on_answer: SendObserver | None = None) -> None:
+                 rng: random.Random | None = None, on_answer: SendObserver | None = None,
+                 refresh: Refresher | None = None) -> None:
         self.engine = engine
         self.client = client
         self.cfg = cfg
@@ -92,6 +110,11 @@ class Dispatcher:
         self.live: set[int] = set()
         """Outbox ids this worker is sending right now (the only leases the heartbeat renews)."""
         self.on_answer = on_answer
+        self.refresh = refresh
+        """None: no check before sending (``sync.check_before_send: false``)."""
+        self._last_check = -1e9
+        self._refreshed: dict[int, str] = {}
+        """outbox id -> the remote version a check already merged for it (never held back twice for one)"""
         self.log = log.bind(worker=worker)
 
     # ----------------------------------------------------------------------------------- database
@@ -334,42 +357,164 @@ class Dispatcher:
         return outcome
 
     async def run(self, stop: asyncio.Event | None = None, *, grace_seconds: float = 10.0) -> dict[str, Any]:
-        """Send everything due now (and whatever becomes due while busy); return when idle or stopped."""
+        """Send everything due now (and whatever becomes due while busy); return when idle or stopped.
+
+        With a ``refresh``, rows are claimed ahead in batches of up to ``CHECK_BATCH`` and checked with one list
+        request per batch before they are sent (``_claim_checked``); the next batch is claimed and checked while
+        the current one is being sent, so the check costs no throughput.
+        """
         stop = stop or asyncio.Event()
         await asyncio.to_thread(self.reclaim_expired)
         inflight: set[asyncio.Task[Outcome]] = set()
+        ready: list[tuple[Claim, float]] = []  # checked claims waiting for a free slot, with the check's time
+        refill: asyncio.Task[tuple[list[tuple[Claim, float]], int]] | None = None
+        nothing_due = False
         beat = asyncio.create_task(self._heartbeat_loop())
         next_reclaim = time.monotonic() + self.cfg.sync.lease_seconds / 2
+        limit = self.cfg.servicetitan.max_concurrency
         try:
             while not stop.is_set():
                 if time.monotonic() >= next_reclaim:  # a busy worker also picks up a dead peer's rows
                     await asyncio.to_thread(self.reclaim_expired)
                     next_reclaim = time.monotonic() + self.cfg.sync.lease_seconds / 2
-                free = self.cfg.servicetitan.max_concurrency - len(inflight)
-                if free > 0:
-                    for c in await asyncio.to_thread(self.claim, free):
+                free = limit - len(inflight)
+                if self.refresh is None:
+                    if free > 0:
+                        for c in await asyncio.to_thread(self.claim, free):
+                            inflight.add(asyncio.create_task(self._send(c)))
+                    if not inflight:
+                        break
+                else:
+                    if refill is None:
+                        stale = [c for c, at in ready] if ready and \
+                            time.monotonic() - ready[0][1] > CHECK_MAX_AGE_S else []
+                        if stale:
+                            ready.clear()
+                        if stale or (len(ready) <= limit and not nothing_due):
+                            refill = asyncio.create_task(
+                                self._claim_checked(stale, max(0, CHECK_BATCH - len(stale) - len(ready))))
+                    while free > 0 and ready:
+                        c, at = ready.pop(0)
+                        self.stats.check_age_max_s = max(self.stats.check_age_max_s, round(time.monotonic() - at, 3))
                         inflight.add(asyncio.create_task(self._send(c)))
-                if not inflight:
-                    break
+                        free -= 1
+                    if not inflight and not ready and refill is None:
+                        break
                 stopper = asyncio.create_task(stop.wait())
-                done, _ = await asyncio.wait({*inflight, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                waiting: set[asyncio.Task[Any]] = {*inflight, stopper}
+                if refill is not None:
+                    waiting.add(refill)
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 stopper.cancel()
+                if refill is not None and refill in done:
+                    got, held_back = refill.result()
+                    nothing_due = not got and not held_back  # held back: due again now, claimed next
+                    ready.extend(got)
+                    refill = None
+                if done & inflight:
+                    nothing_due = False  # a slot freed: look for due rows again (as the loop without a check)
                 inflight -= done
                 for t in done:
-                    if t is not stopper and t.exception() is not None:
-                        self.log.error("outbox.send_crashed", error=repr(t.exception()))
+                    if t is stopper or t.cancelled() or t.exception() is None:
+                        continue
+                    self.log.error("outbox.send_crashed", error=repr(t.exception()))
             if inflight:
                 _, inflight = await asyncio.wait(inflight, timeout=grace_seconds)
         finally:
             beat.cancel()
+            if refill is not None:
+                refill.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    ready.extend((await refill)[0])
+            if ready:  # claimed and checked, never sent: due again now
+                await asyncio.to_thread(self._release_unsent, [c for c, _ in ready])
             unfinished = [t for t in inflight if not t.done()]
             for t in unfinished:
                 t.cancel()
-            if unfinished:
+            if unfinished or refill is not None:
                 # their answers will never be recorded: give the rows back now rather than at lease expiry
                 released = self.release_all()
                 self.log.warning("outbox.released_on_stop", count=released)
         return self.stats.as_dict()
+
+    async def _claim_checked(self, recheck: list[Claim], want: int) -> tuple[list[tuple[Claim, float]], int]:
+        """Claim up to ``want`` more rows and check them (with ``recheck``: claims whose check grew old) against
+        ServiceTitan with one list request per entity; a record changed there since its shadow is merged first
+        (``refresh``) and its row goes back to pending, due now, so its next claim plans from the merged state.
+        Returns the claims to send, each with the time of its check, and how many were held back."""
+        claims = list(recheck)
+        if want > 0:
+            claims += await asyncio.to_thread(self.claim, want)
+        if not claims:
+            return [], 0
+        self.live.update(c.outbox_id for c in claims)  # held: the heartbeat renews their leases
+        # at most one check per interval (``sync.check_min_interval_seconds``): under 3% of the budget at any load
+        wait = self._last_check + self.cfg.sync.check_min_interval_seconds - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        self._last_check = time.monotonic()
+        by_entity: dict[Entity, list[Claim]] = {}
+        for c in claims:
+            by_entity.setdefault(c.entity, []).append(c)
+        held_back: list[Claim] = []
+        for entity, group in by_entity.items():
+            for i in range(0, len(group), IDS_PER_LIST):
+                chunk = group[i:i + IDS_PER_LIST]
+                held_back += await self._check(entity, chunk)
+        if held_back:
+            await asyncio.to_thread(self._release_unsent, held_back)
+        at = time.monotonic()
+        back = {c.outbox_id for c in held_back}
+        return [(c, at) for c in claims if c.outbox_id not in back], len(back)
+
+    async def _check(self, entity: Entity, chunk: list[Claim]) -> list[Claim]:
+        """One list request for ``chunk``: the claims to hold back (changed remotely, now merged)."""
+        assert self.refresh is not None
+        self.stats.checks += 1
+        resp = await self.client.list_by_ids(NAMES[entity].collection, [c.st_id for c in chunk])
+        data = resp.body.get("data") if resp.ok and isinstance(resp.body, dict) else None
+        if not isinstance(data, list):  # the check narrows a window; it never blocks a send
+            self.stats.checks_failed += 1
+            self.log.warning("outbox.check_failed", entity=entity, records=len(chunk), status=resp.status,
+                             error=resp.error)
+            return []
+        known = {c.st_id: c.base.get("modified_on") for c in chunk}
+        changed = changed_since(data, known)
+        fresh = {st: rec for st, rec in changed.items()
+                 if self._refreshed.get(self._by_st(chunk, st)) != rec.get("modifiedOn")}
+        if not fresh:
+            return []
+        try:
+            await self.refresh(entity, list(fresh.values()))
+        except Exception as exc:  # e.g. a location's new customer could not be fetched: send as planned
+            self.stats.checks_failed += 1
+            self.log.warning("outbox.check_failed", entity=entity, records=len(chunk), status=resp.status,
+                             error=str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__)
+            return []
+        if len(self._refreshed) > 10_000:
+            self._refreshed.clear()
+        back = [c for c in chunk if c.st_id in fresh]
+        for c in back:
+            self._refreshed[c.outbox_id] = str(fresh[c.st_id].get("modifiedOn"))
+        self.stats.changed_remotely += len(back)
+        self.log.info("outbox.changed_before_send", entity=entity, records=len(back),
+                      st_ids=sorted(c.st_id for c in back)[:20])
+        return back
+
+    @staticmethod
+    def _by_st(chunk: list[Claim], st_id: int) -> int:
+        return next(c.outbox_id for c in chunk if c.st_id == st_id)
+
+    def _release_unsent(self, claims: list[Claim]) -> None:
+        """Claimed rows not sent (held back by the check, or left at shutdown): pending again, due now, no
+        attempt spent; nothing went out, so nothing is possibly applied."""
+        with self.engine.begin() as conn:
+            for c in claims:
+                if outbox.lock_if_held(conn, c.outbox_id, self.worker, c.token):
+                    outbox.requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=0.0, attempts=c.attempt - 1,
+                                   status=None, error=None)
+        for c in claims:
+            self.live.discard(c.outbox_id)
 
     async def _heartbeat_loop(self) -> None:
         interval = max(1.0, self.cfg.sync.lease_seconds / 3)

@@ -171,6 +171,27 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
     return summary
 
 
+async def apply_fetched(engine: Engine, client: ServiceTitanClient, cfg: Config, entity: Entity,
+                        data: list[Any], *, log: Any = None) -> FeedStats:
+    """Merge records fetched outside the feeds (API dicts, e.g. the dispatcher's check before sending) into the
+    mirror and shadow exactly as a feed page is merged, without touching the feed's cursor."""
+    lg = log or _log
+    fetched: dict[int, dict[str, Any] | None] = {}
+    if entity == "location":
+        fetched = await _fetch_missing_customers(engine, client, cfg, data, lg)
+
+    def apply() -> FeedStats:
+        stats = FeedStats(records=len(data))
+        with connect(engine) as conn, conn.begin():
+            bypass_triggers(conn)
+            recs = _parse_records(entity, data, stats, lg)
+            customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, lg) if entity == "location" else None
+            _apply_records(conn, cfg, entity, recs, stats, lg, customer_ids)
+        return stats
+
+    return await asyncio.to_thread(apply)
+
+
 # ---------------------------------------------------------------------------------------------------- HTTP
 
 

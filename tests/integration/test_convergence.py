@@ -23,8 +23,10 @@ empty, then a final pull) the property is:
    - or it restored the last-synced value (three-way merge cannot tell that from "not changed": ABA);
    - or, for a remote write only, the acknowledged window: ServiceTitan's PATCH has no precondition, so a remote
      edit made after the last pull and before a push of the same unit is overwritten by that push without a
-     conflict. In the model, a remote write of unit U whose next sync point for its record (a pull, or a PATCH of
-     that record) is a PATCH carrying U is *superseded by the local write*.
+     conflict. In the model, a remote write of unit U whose next sync point for its record (a pull, the check
+     before sending, or a PATCH of that record) is a PATCH carrying U is *superseded by the local write*. The check
+     before sending (a list request of the records about to be PATCHed) is a sync point like a pull, and its
+     conflicts are read after each push.
 3. Conflict outcomes follow the policy: ``remote_wins`` -> remote, ``local_wins`` -> local, ``newest_wins`` ->
    local iff the record's latest unsent local edit is newer than its latest change in ServiceTitan (checked
    where no outbox row is pending: the pending case has its own regression test at the end). No outbox row ends
@@ -167,6 +169,13 @@ def _unit_value(record: dict[str, Any], unit: str) -> Any:
     if unit == "custom_fields":
         return tuple(sorted(record[unit].items()))
     return record[unit]
+
+
+def _ids(query: str) -> list[str]:
+    """The ``ids`` of a list request's query string."""
+    from urllib.parse import parse_qs
+
+    return [i for v in parse_qs(query).get("ids", []) for i in v.split(",") if i.strip().isdigit()]
 
 
 # ----------------------------------------------------------------------------------------------------- model
@@ -332,11 +341,21 @@ class Run:
         self.model.remote_at[op.rec] = self.seq
 
     async def push(self) -> list[Any]:
+        pending = self.pending()
+        # nothing but our PATCHes changes ServiceTitan during a push: its records as the check before sending saw
+        before = {rec: self.st_record(rec) for rec in range(len(RECORDS))} if self.mids else {}
         for name, job in (("detect", self.d.detect_job), ("dispatch", self.d.dispatch_job)):
             result = await job()
             assert not result.get("error"), f"{name} job failed: {result}"
         new = self.sb.requests[self.seen_requests:]
         self.seen_requests += len(new)
+        checked = sorted({self.st_ids.index(int(i)) for r in new if r.method == "GET" and r.record_id is None
+                          and r.endpoint in ("GET /customers", "GET /locations") and r.status == 200
+                          for i in _ids(r.query) if int(i) in self.st_ids})
+        for rec in checked:  # the check before sending merged these records as a pull would: a sync point
+            self.log.append(f"   checked {RECORDS[rec]} before sending")
+            self.model.sync(rec, before[rec], self.seq, push_carried=None)
+        self.read_conflicts(pending)
         patches = [r for r in new if r.method == "PATCH"]
         for r in patches:
             assert 200 <= r.status < 300 and r.record_id is not None, f"PATCH {r.path} answered {r.status}: {r.body}"
@@ -350,14 +369,20 @@ class Run:
         assert not dead, f"outbox rows ended dead: {dead}"
         return patches
 
+    def pending(self) -> set[tuple[str, int]]:
+        return {(e, m) for e, m in rows(self.engine, "SELECT entity, mirror_id FROM outbox "
+                                                     "WHERE state IN ('pending', 'in_flight')")}
+
     async def pull(self) -> None:
-        pending = {(e, m) for e, m in rows(self.engine, "SELECT entity, mirror_id FROM outbox "
-                                                        "WHERE state IN ('pending', 'in_flight')")}
+        pending = self.pending()
         result = await self.d.pull_job()
         assert not result.get("error"), f"pull job failed: {result}"
         if self.mids:
             for rec in range(len(RECORDS)):
                 self.model.sync(rec, self.st_record(rec), self.seq, push_carried=None)
+        self.read_conflicts(pending)
+
+    def read_conflicts(self, pending: set[tuple[str, int]]) -> None:
         new = rows(self.engine, "SELECT id, entity, mirror_id, field, outcome FROM conflicts WHERE id > :i ORDER BY id",
                    i=self.last_conflict_id)
         for cid, entity, mid, fld, outcome in new:

@@ -33,8 +33,11 @@ def linked(engine: Engine, sb: Sandbox) -> dict[int, int]:
     return link_mirror(engine, sb)
 
 
-def make_cfg(database_url: str, **retry: Any) -> Config:
-    return make_config(database_url, retry={"base_delay_seconds": 0.01, "max_delay_seconds": 0.05, **retry})
+def make_cfg(database_url: str, *, check: bool = True, **retry: Any) -> Config:
+    """``check``: the check before sending (``sync.check_before_send``). Off where a test proves what an answer
+    does: the check would otherwise learn the same thing first, from a list request."""
+    return make_config(database_url, retry={"base_delay_seconds": 0.01, "max_delay_seconds": 0.05, **retry},
+                       sync={"check_before_send": check, "check_min_interval_seconds": 0})
 
 
 def first_customer(sb: Sandbox) -> dict[str, Any]:
@@ -73,7 +76,7 @@ async def _answer(resp: httpx.Response) -> httpx.Response:
 def test_a_2xx_whose_body_is_not_a_record_is_a_failed_attempt_then_dead(engine: Engine, database_url: str,
                                                                          sb: Sandbox, linked: dict[int, int],
                                                                          body: bytes) -> None:
-    cfg = make_cfg(database_url, max_attempts=2)
+    cfg = make_cfg(database_url, max_attempts=2, check=False)
     cust = first_customer(sb)
     mid = linked[cust["id"]]
     tamper = Tamper(create_app(sb))
@@ -92,6 +95,45 @@ def test_a_2xx_whose_body_is_not_a_record_is_a_failed_attempt_then_dead(engine: 
         ("retry", 200), ("retry", 200)]
     status, error = rows(engine, "SELECT sync_status, sync_error FROM customers WHERE id = :m", m=mid)[0]
     assert status == "error" and "not a customer record" in error["message"]
+
+
+def test_an_applied_change_whose_answer_was_not_a_record_is_found_landed_by_the_check(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    """With the check before sending, the retry of an applied PATCH whose 2xx was garbage lists the record first,
+    finds its own value there (the body it sent is possibly applied, so that value is ours) and sends nothing."""
+    cfg = make_cfg(database_url, max_attempts=2)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    tamper = Tamper(create_app(sb))
+
+    async def applied_then_not_a_record(request: httpx.Request, inner: Any) -> httpx.Response:
+        await inner(request)
+        return raw(200, b"{}")
+
+    tamper.add("PATCH", r"/customers/\d+$", applied_then_not_a_record, times=10)
+    sql(engine, "UPDATE customers SET name = 'Odd Answer' WHERE id = :m", m=mid)
+    for _ in range(2):
+        cycle(engine, cfg, sb, pull=False, transport=tamper)
+        sql(engine, "UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'")
+    assert rows(engine, "SELECT state, attempts FROM outbox") == [("superseded", 1)]
+    assert rows(engine, "SELECT sync_status, name FROM customers WHERE id = :m", m=mid) == [("synced", "Odd Answer")]
+    assert len(patches(sb)) == 1 and sb.get_customer(cust["id"])["name"] == "Odd Answer"
+
+
+def test_the_check_before_sending_applies_a_move_to_a_customer_the_mirror_lacks(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    cfg = make_cfg(database_url)
+    loc = sorted(sb.locations(), key=lambda x: x["id"])[0]
+    newcomer = sb.add_customer(name="Newcomer Inc")
+    sb.edit_location(loc["id"], customerId=newcomer["id"])
+    lid = rows(engine, "SELECT id FROM locations WHERE st_id = :s", s=loc["id"])[0][0]
+    sql(engine, "UPDATE locations SET name = 'Renamed Site' WHERE id = :m", m=lid)
+    cycle(engine, cfg, sb, pull=False)
+    new_mid = rows(engine, "SELECT id FROM customers WHERE st_id = :s", s=newcomer["id"])[0][0]
+    assert rows(engine, "SELECT name, customer_id, sync_status FROM locations WHERE id = :m", m=lid) == [
+        ("Renamed Site", new_mid, "synced")]
+    assert sb.get_location(loc["id"])["name"] == "Renamed Site"
+    assert sb.get_location(loc["id"])["customerId"] == newcomer["id"]
 
 
 def test_a_late_answer_does_not_undo_a_pulled_edit(engine: Engine, database_url: str, sb: Sandbox,
@@ -242,7 +284,7 @@ def test_an_answer_never_unlinks_a_location_from_its_customer(engine: Engine, da
                                                               linked: dict[int, int]) -> None:
     """A location moved in ServiceTitan to a customer the mirror does not have yet: the PATCH answer names that
     customer; the mirror keeps its link until a pull brings the customer, which then links the location."""
-    cfg = make_cfg(database_url)
+    cfg = make_cfg(database_url, check=False)
     loc = sorted(sb.locations(), key=lambda x: x["id"])[0]
     newcomer = sb.add_customer(name="Newcomer Inc")
     sb.edit_location(loc["id"], customerId=newcomer["id"])
