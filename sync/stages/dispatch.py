@@ -49,6 +49,9 @@ reconciler (``sync.stages.pull.apply_fetched``), wired by the daemon."""
 
 CHECK_BATCH = IDS_PER_LIST
 """Rows claimed and checked with one list request: at full rate one check per 50 PATCHes (2% of the budget)."""
+CHECK_REFILL_AT = 16
+"""The next batch is claimed and checked when this few checked rows are left to send: enough to keep sending
+at 60/s while the check's list request is answered (~0.25 s)."""
 CHECK_MAX_AGE_S = 1.5
 """A checked row not sent within this long is checked again before it is sent (a 429 pause, a slow limiter)."""
 
@@ -390,9 +393,8 @@ class Dispatcher:
                             time.monotonic() - ready[0][1] > CHECK_MAX_AGE_S else []
                         if stale:
                             ready.clear()
-                        if stale or (len(ready) <= limit and not nothing_due):
-                            refill = asyncio.create_task(
-                                self._claim_checked(stale, max(0, CHECK_BATCH - len(stale) - len(ready))))
+                        if stale or (len(ready) <= min(limit, CHECK_REFILL_AT) and not nothing_due):
+                            refill = asyncio.create_task(self._claim_checked(stale, CHECK_BATCH))
                     while free > 0 and ready:
                         c, at = ready.pop(0)
                         self.stats.check_age_max_s = max(self.stats.check_age_max_s, round(time.monotonic() - at, 3))
