@@ -6,6 +6,7 @@ Every problem becomes one ``ConfigError`` line naming the file, the key and what
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -95,8 +96,11 @@ class ServiceTitanConfig(_Section):
         if parts.scheme == "https":
             return v
         host = (parts.hostname or "").lower()
-        loopback = host in ("localhost", "::1") or host.endswith(".localhost") or host.startswith("127.")
-        if parts.scheme == "http" and loopback:  # *.localhost is loopback by RFC 6761
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a name: only "localhost" itself (127.0.0.1.attacker.example is a name, not an IP)
+            loopback = False
+        if parts.scheme == "http" and loopback:
             return v
         raise ValueError("must be an https:// URL (plain http:// is allowed only for 127.0.0.1/localhost)")
 

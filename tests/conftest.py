@@ -63,7 +63,7 @@ def make_config(database_url: str | None = None, **sections: Any) -> Config:
             "client_secret": "sandbox-secret",
             "app_key": "sandbox-app-key",
             "application_guid": "5f2b8a7e-3c1d-4e6f-9a0b-1c2d3e4f5a6b",
-            "api_base_url": "http://sandbox.localhost",
+            "api_base_url": "http://127.0.0.1:9",
         },
         "logging": {"level": "WARNING", "format": "json"},
         # cycles follow each other at once in tests: the check before sending need not space itself out

@@ -298,7 +298,15 @@ def test_plain_http_is_refused_for_anything_but_loopback(key: str) -> None:
                       env={})
 
 
-@pytest.mark.parametrize("url", ["http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765"])
+@pytest.mark.parametrize("url", ["http://127.0.0.1.attacker.example", "http://127.evil.example:8765",
+                                 "http://localhost.attacker.example", "http://sandbox.localhost", "http://10.0.0.1"])
+def test_plain_http_to_a_host_that_only_looks_like_loopback_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="api_base_url"):
+        make_config("postgresql://u@h/d", servicetitan={"api_base_url": url})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8765", "http://127.1.2.3:8765", "http://localhost:8765",
+                                 "http://[::1]:8765"])
 def test_plain_http_stays_allowed_for_a_loopback_sandbox(url: str) -> None:
     cfg = make_config("postgresql://u@h/d", servicetitan={"api_base_url": url})
     assert cfg.servicetitan.api_root == url

@@ -206,7 +206,7 @@ def test_every_api_call_carries_the_app_key_and_the_bearer_token() -> None:
     for request in seen:
         assert request.headers["ST-App-Key"] == APP_KEY
         assert request.headers["Authorization"] == "Bearer tok-abc-123"
-        assert str(request.url).startswith("http://sandbox.localhost/crm/v2/tenant/1/")
+        assert str(request.url).startswith("http://127.0.0.1:9/crm/v2/tenant/1/")
 
 
 def test_patch_sends_the_json_body_to_the_record_path() -> None:
@@ -355,7 +355,7 @@ def test_unreachable_token_endpoint_raises_from_token_naming_the_url() -> None:
     with pytest.raises(ServiceTitanError) as info:
         run(scenario)
     assert not isinstance(info.value, AuthError)
-    assert "http://sandbox.localhost/connect/token" in str(info.value)
+    assert "http://127.0.0.1:9/connect/token" in str(info.value)
     assert SECRET not in str(info.value)
 
 
