@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import email.utils
 import json
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -77,7 +78,8 @@ def parse_retry_after(headers: httpx.Headers, body: Any) -> float | None:
     if value:
         value = value.strip()
         try:
-            return max(0.0, float(value))
+            seconds = float(value)
+            return max(0.0, seconds) if math.isfinite(seconds) else None  # "inf", "nan": nonsense, absent
         except ValueError:
             try:
                 when = email.utils.parsedate_to_datetime(value)
@@ -93,7 +95,7 @@ def parse_retry_after(headers: httpx.Headers, body: Any) -> float | None:
     elif isinstance(body, str):
         text = body
     m = _RETRY_IN_BODY.search(text)
-    return float(m.group(1)) if m else None
+    return float(m.group(1)) if m and math.isfinite(float(m.group(1))) else None
 
 
 class ServiceTitanClient:
@@ -210,6 +212,10 @@ class ServiceTitanClient:
             retry_after = None
             if resp.status_code == 429:
                 retry_after = parse_retry_after(resp.headers, body)
+                cap = self.cfg.max_retry_after_seconds
+                if retry_after is not None and retry_after > cap:
+                    log.warning("servicetitan.retry_after_capped", path=path, retry_after_s=retry_after, capped_s=cap)
+                    retry_after = cap
                 self.limiter.rate_limited(retry_after if retry_after is not None else 1.0)
             return ApiResponse(resp.status_code, body, latency, retry_after_s=retry_after,
                                headers={k.lower(): v for k, v in resp.headers.items() if k.lower() == "retry-after"})

@@ -125,6 +125,29 @@ def test_unparseable_header_falls_back_to_body() -> None:
     assert parse_retry_after(httpx.Headers({"Retry-After": "later"}), body) == 7.0
 
 
+@pytest.mark.parametrize("value", ["inf", "Infinity", "nan", "-inf"])
+def test_a_non_finite_retry_after_is_ignored(value: str) -> None:
+    assert parse_retry_after(httpx.Headers({"Retry-After": value}), None) is None  # as if absent
+
+
+@pytest.mark.parametrize("value", ["1000000000", "inf"])
+def test_a_huge_retry_after_is_capped_and_logged(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A pull or a row must never sleep for 31 years on ServiceTitan's (or a proxy's) word."""
+    cfg = st_config(max_retry_after_seconds=2)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/connect/token"):
+            return httpx.Response(200, json={"access_token": "t", "expires_in": 900})
+        return httpx.Response(429, headers={"Retry-After": value}, json={"title": "Too Many Requests"})
+
+    resp = run(lambda: mock_client(handler, cfg).get("customers", 1))
+    assert resp.status == 429
+    if value == "inf":
+        assert resp.retry_after_s is None  # nonsense: absent, the caller's default wait applies
+    else:
+        assert resp.retry_after_s == 2 and "servicetitan.retry_after_capped" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------- tokens
 
 
