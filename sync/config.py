@@ -83,6 +83,8 @@ class ServiceTitanConfig(_Section):
     requests_per_second: float = Field(default=60.0, gt=0, le=10_000)
     max_concurrency: int = Field(default=32, ge=1, le=1000)
     timeout_seconds: float = Field(default=30.0, gt=0)
+    max_answer_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    """An answer larger than this is not read into memory (a failed attempt; an export page: an error)."""
     max_retry_after_seconds: float = Field(default=120.0, gt=0, le=3600)
     """The longest a 429's Retry-After is obeyed (a larger one is capped and logged; ``inf``/``nan`` are ignored)."""
 

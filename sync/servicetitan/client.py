@@ -194,18 +194,28 @@ class ServiceTitanClient:
                 return ApiResponse(0, None, 0.0, error="not sent: the claim is no longer held", not_sent=True,
                                    fenced=True)
             started = time.perf_counter()
+            too_large = False
             try:
-                resp = await self._http.request(
-                    method, self.base + path, json=json_body, params=params,
-                    headers={"Authorization": f"Bearer {token}",
-                             "ST-App-Key": self.cfg.app_key.get_secret_value()},
-                )
+                # timeout_seconds bounds the whole answer, not each read (a trickled answer never hangs us)
+                async with asyncio.timeout(self.cfg.timeout_seconds), self._http.stream(
+                        method, self.base + path, json=json_body, params=params,
+                        headers={"Authorization": f"Bearer {token}",
+                                 "ST-App-Key": self.cfg.app_key.get_secret_value()}) as resp:
+                    content, too_large = await _read_bounded(resp, self.cfg.max_answer_bytes)
+            except TimeoutError:
+                return ApiResponse(0, None, _ms(started),
+                                   error=f"timeout (no whole answer within {self.cfg.timeout_seconds:g} s)")
             except httpx.TimeoutException as exc:
                 return ApiResponse(0, None, _ms(started), error=f"timeout ({type(exc).__name__})")
             except httpx.HTTPError as exc:
                 return ApiResponse(0, None, _ms(started), error=f"connection error ({type(exc).__name__})")
             latency = _ms(started)
-            body = _parse_body(resp)
+            if too_large:
+                log.warning("servicetitan.answer_too_large", path=path, status=resp.status_code,
+                            limit_bytes=self.cfg.max_answer_bytes)
+                return ApiResponse(resp.status_code, None, latency,
+                                   error=f"answer larger than {self.cfg.max_answer_bytes} bytes: not read")
+            body = _parse_body(content, resp.charset_encoding)
             if resp.status_code == 401 and auth_try == 0:
                 log.info("auth.token_rejected", path=path)
                 continue
@@ -249,10 +259,26 @@ def _ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000.0, 2)
 
 
-def _parse_body(resp: httpx.Response) -> Any:
-    if not resp.content:
+async def _read_bounded(resp: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The answer's bytes, reading no more than ``limit`` of them: (content, whether it was larger)."""
+    declared = resp.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return b"", True
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return b"", True
+        chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+def _parse_body(content: bytes, encoding: str | None = None) -> Any:
+    """JSON, or the text (first 2,000 characters) when it is not JSON, nested too deeply, or not text at all."""
+    if not content:
         return None
     try:
-        return resp.json()
-    except (ValueError, json.JSONDecodeError):
-        return resp.text[:2000]
+        return json.loads(content)
+    except (ValueError, RecursionError):  # RecursionError: e.g. 100k nested "[", which json cannot parse
+        return content.decode(encoding or "utf-8", errors="replace")[:2000]

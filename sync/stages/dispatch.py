@@ -195,7 +195,8 @@ class Dispatcher:
     def complete(self, c: Claim, resp: ApiResponse, started_at: float) -> Outcome:
         outcome = classify(resp.status, resp.body)
         retry_cfg = self.cfg.retry
-        error_body: Any = resp.body if resp.status else {"message": resp.error}
+        error_body: Any = resp.body if resp.status and not (resp.body is None and resp.error) else \
+            {"message": resp.error, "status": resp.status or None}
         if outcome is Outcome.SUCCEEDED:
             problem = not_a_record(c.entity, c.st_id, resp.body)
             if problem is not None:  # a 2xx that is not the record: a failed attempt, possibly applied

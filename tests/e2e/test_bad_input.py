@@ -228,8 +228,13 @@ def test_deleting_a_customer_that_still_has_locations_is_refused_by_the_database
 # ---------------------------------------------------------------------------------------------- garbage answers (push)
 
 
+async def deeply_nested_200(request: httpx.Request, inner: Any) -> httpx.Response:
+    await inner(request)  # applied; the answer is 100,000 nested arrays (json raises RecursionError on it)
+    return raw(200, b"[" * 100_000 + b"]" * 100_000)
+
+
 GARBAGE = {"non-JSON 200": non_json_200, "truncated 200": truncated_200, "connection cut mid-body": cut_off,
-           "HTML 502": html_502}
+           "HTML 502": html_502, "deeply nested 200": deeply_nested_200}
 
 
 @pytest.mark.parametrize("kind", sorted(GARBAGE))
@@ -249,7 +254,7 @@ def test_garbage_answers_to_a_patch_are_retried_and_the_edit_lands(engine: Engin
     assert rows(engine, "SELECT sync_status FROM customers WHERE st_id = :s", s=st) == [("synced",)]
 
 
-@pytest.mark.parametrize("kind", ["non-JSON 200", "connection cut mid-body"])
+@pytest.mark.parametrize("kind", ["non-JSON 200", "connection cut mid-body", "deeply nested 200"])
 def test_garbage_on_every_attempt_ends_dead_with_a_one_line_reason(engine: Engine, cfg: Config, sb: Sandbox,
                                                                    linked: dict[int, int], kind: str) -> None:
     tamper = Tamper(create_app(sb))
@@ -264,6 +269,27 @@ def test_garbage_on_every_attempt_ends_dead_with_a_one_line_reason(engine: Engin
     sql(engine, "UPDATE customers SET name = 'Fine Again' WHERE st_id = :s", s=good)
     drain(engine, cfg, sb, transport=tamper)
     assert sb.get_customer(good)["name"] == "Fine Again"
+
+
+def test_an_answer_larger_than_the_bound_is_not_read_and_is_a_failed_attempt(engine: Engine, database_url: str,
+                                                                            sb: Sandbox,
+                                                                            linked: dict[int, int]) -> None:
+    cfg = make_config(database_url, retry={"base_delay_seconds": 0.01, "max_delay_seconds": 0.02, "max_attempts": 3},
+                      servicetitan={"requests_per_second": 1000, "max_answer_bytes": 4096},
+                      sync={"check_before_send": False})
+    tamper = Tamper(create_app(sb))
+
+    async def huge(request: httpx.Request, inner: Any) -> httpx.Response:
+        await inner(request)
+        return raw(200, json.dumps({"id": 1, "padding": "x" * 20_000}).encode())
+
+    tamper.add("PATCH", r"/customers/\d+$", huge, times=1, name="huge")
+    st = customers(sb)[0]
+    sql(engine, "UPDATE customers SET name = 'After Huge' WHERE st_id = :s", s=st)
+    drain(engine, cfg, sb, transport=tamper)
+    assert rows(engine, "SELECT state, attempts FROM outbox") == [("succeeded", 2)]
+    (first, _) = rows(engine, "SELECT outcome, error FROM outbox_attempts ORDER BY id")
+    assert first[0] == "retry" and "larger than 4096 bytes" in json.dumps(first[1])
 
 
 # ---------------------------------------------------------------------------------------------- garbage answers (pull)

@@ -148,6 +148,29 @@ def test_a_huge_retry_after_is_capped_and_logged(value: str, capsys: pytest.Capt
         assert resp.retry_after_s == 2 and "servicetitan.retry_after_capped" in capsys.readouterr().out
 
 
+class _Trickle(httpx.AsyncByteStream):
+    """An answer that arrives one byte every 0.2 s: each read is quick, the whole answer takes 4 s."""
+
+    async def __aiter__(self) -> Any:
+        for b in b'{"id": 1, "name": "x"}':
+            await asyncio.sleep(0.2)
+            yield bytes([b])
+
+
+def test_a_trickled_answer_ends_at_the_timeout_for_the_whole_answer() -> None:
+    cfg = st_config(timeout_seconds=1)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/connect/token"):
+            return httpx.Response(200, json={"access_token": "t", "expires_in": 900})
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=_Trickle())
+
+    started = time.monotonic()
+    resp = run(lambda: mock_client(handler, cfg).get("customers", 1))
+    assert resp.status == 0 and "no whole answer within 1 s" in (resp.error or "")
+    assert time.monotonic() - started < 2.5
+
+
 # ------------------------------------------------------------------------------------------------- tokens
 
 
