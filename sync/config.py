@@ -134,6 +134,8 @@ class SyncConfig(_Section):
     since their shadow before sending (docs/push.md, "The check before sending")."""
     check_min_interval_seconds: float = Field(default=0.6, ge=0, le=60)
     """At most one such check per this many seconds: 0.6 keeps checks under 3% of a 60 requests/s budget."""
+    pull_max_seconds_per_run: float = Field(default=900.0, ge=1)
+    """One feed's pull stops after this long (the next run continues from the stored cursor)."""
     initial_from: str | None = None
     """Start the initial load from this date (YYYY-MM-DD) instead of the beginning of the feed."""
     batch_size: int = Field(default=500, ge=1, le=10_000)

@@ -127,6 +127,8 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
     started = time.monotonic()
     drained = moved = False
 
+    asked = token
+    stuck = over_budget = False
     fetch: asyncio.Task[Page] | None = asyncio.create_task(_fetch_page(client, cfg, feed, token, lg))
     try:
         while fetch is not None:
@@ -135,7 +137,12 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
             fetched: dict[int, dict[str, Any] | None] = {}
             if entity == "location":
                 fetched = await _fetch_missing_customers(engine, client, cfg, page.data, lg)
-            if page.has_more:
+            # bounded: a continuation token that does not move, or a run past its time budget, ends this run
+            # with a warning; the next run goes on from the stored cursor
+            stuck = page.has_more and asked is not None and page.continue_from == asked
+            over_budget = page.has_more and time.monotonic() - started > cfg.sync.pull_max_seconds_per_run
+            if page.has_more and not stuck and not over_budget:
+                asked = page.continue_from
                 fetch = asyncio.create_task(_fetch_page(client, cfg, feed, page.continue_from, lg))
             page_started = time.monotonic()
             try:
@@ -164,6 +171,16 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
                                "rate": round(totals.records / duration, 1) if duration > 0 else None}
     if moved:
         summary["cursor_moved"] = True
+    if stuck:
+        summary["cursor_stuck"] = True
+        lg.warning("pull.cursor_stuck", feed=feed, pages=totals.pages, records=totals.records,
+                   hint="ServiceTitan answered hasMore=true with the token it was asked with; the next run asks "
+                        "again")
+    elif over_budget:
+        summary["budget_spent"] = True
+        lg.warning("pull.run_budget_spent", feed=feed, pages=totals.pages, records=totals.records,
+                   seconds=round(duration, 1), limit_s=cfg.sync.pull_max_seconds_per_run,
+                   hint="the feed has more; the next run continues from the stored cursor")
     if drained:
         lg.info("pull.feed_drained", feed=feed, pages=totals.pages, records=totals.records, applied=totals.applied,
                 inserted=totals.inserted, unchanged=totals.unchanged, conflicts=totals.conflicts,

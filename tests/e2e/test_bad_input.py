@@ -303,8 +303,53 @@ def run_pull(engine: Engine, cfg: Config, transport: Any) -> dict[str, Any]:
     return asyncio.run(main())
 
 
+def run_pull_within(engine: Engine, cfg: Config, transport: Any, seconds: float) -> dict[str, Any]:
+    """A pull that must end by itself (a test that would otherwise hang fails with TimeoutError)."""
+    async def main() -> dict[str, Any]:
+        async with ServiceTitanClient(cfg.servicetitan, transport=transport) as st:
+            return await asyncio.wait_for(pull(engine, st, cfg), seconds)
+
+    return asyncio.run(main())
+
+
 def cursor(engine: Engine) -> Any:
     return rows(engine, "SELECT continue_from FROM feed_cursors WHERE feed = 'customers'")
+
+
+def test_a_continuation_token_that_never_moves_ends_the_run_with_a_warning(
+        engine: Engine, cfg: Config, sb: Sandbox, capsys: pytest.CaptureFixture[str]) -> None:
+    """hasMore=true with the token it was asked with, for ever: the run ends, the locations feed is reached."""
+    tamper = Tamper(create_app(sb))
+    run_pull(engine, cfg, tamper)  # initial load; the cursor is now a token
+    token = cursor(engine)[0][0]
+
+    async def same_page(request: httpx.Request, inner: Any) -> httpx.Response:
+        return raw(200, json.dumps({"hasMore": True, "continueFrom": token, "data": []}).encode())
+
+    tamper.add("GET", r"/export/customers", same_page, times=10_000)
+
+    out = run_pull_within(engine, cfg, tamper, 20)
+    assert out["customers"]["cursor_stuck"] is True and out["customers"]["pages"] == 1
+    assert out["locations"]["drained"] is True
+    assert "pull.cursor_stuck" in capsys.readouterr().out
+    assert cursor(engine) == [(token,)]
+
+
+def test_a_pull_past_its_time_budget_ends_and_the_next_run_continues(engine: Engine, database_url: str,
+                                                                      sb: Sandbox) -> None:
+    cfg = make_config(database_url, sync={"pull_max_seconds_per_run": 1})
+    tamper = Tamper(create_app(sb))
+    pages = {"n": 0}
+
+    async def endless(request: httpx.Request, inner: Any) -> httpx.Response:
+        pages["n"] += 1
+        await asyncio.sleep(0.3)
+        return raw(200, json.dumps({"hasMore": True, "continueFrom": f"t{pages['n']}", "data": []}).encode())
+
+    tamper.add("GET", r"/export/customers", endless, times=10_000)
+    out = run_pull_within(engine, cfg, tamper, 20)
+    assert out["customers"]["budget_spent"] is True and 2 <= out["customers"]["pages"] <= 6
+    assert cursor(engine) == [(f"t{pages['n']}",)]  # the next run continues from there
 
 
 @pytest.mark.parametrize(("kind", "message"), [
