@@ -49,3 +49,8 @@ def write_shadows(conn: Connection, entity: str, rows: Sequence[Mapping[str, Any
                         updated_at = now()"""),
             {"e": entity, "rows": json.dumps(list(rows))},
         )
+
+
+def newest_modified_on(conn: Connection, entity: str) -> Any:
+    """The newest ServiceTitan ``modifiedOn`` any shadow of ``entity`` holds (None: no shadow yet)."""
+    return conn.execute(text("SELECT max(modified_on) FROM shadow WHERE entity = :e"), {"e": entity}).scalar_one()

@@ -21,7 +21,7 @@ import json
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine
@@ -51,6 +51,8 @@ PULL_ATTEMPTS = 4
 """Tries per export page / customer GET on transient failures (5xx, timeouts) before the pull gives up."""
 MAX_RATE_LIMITED_WAITS = 50
 CUSTOMER_FETCH_CONCURRENCY = 8
+CURSOR_FALLBACK_MARGIN_S = 3600.0
+"""A rejected continuation token: the feed restarts this long before the newest modifiedOn the mirror holds."""
 
 ProgressCallback = Callable[[str, int, float], None]
 """``progress(feed, records_so_far, records_per_second)``, called after each page."""
@@ -128,11 +130,24 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
     drained = moved = False
 
     asked = token
-    stuck = over_budget = False
+    stuck = over_budget = rejected = False
     fetch: asyncio.Task[Page] | None = asyncio.create_task(_fetch_page(client, cfg, feed, token, lg))
     try:
         while fetch is not None:
-            page = await fetch
+            try:
+                page = await fetch
+            except ServiceTitanError as exc:
+                fetch = None
+                if exc.status != 400 or rejected or asked is None or asked == cfg.sync.initial_from:
+                    raise
+                # a continuation token ServiceTitan no longer takes (expired, or not its own): go on from a date,
+                # the newest modifiedOn the mirror holds minus a margin (repeats are free: echoes, stale versions)
+                rejected = True
+                asked = await asyncio.to_thread(_fallback_from, engine, entity, within)
+                lg.warning("pull.cursor_rejected", feed=feed, status=400, error=str(exc)[:300], restart_from=asked,
+                           margin_s=CURSOR_FALLBACK_MARGIN_S)
+                fetch = asyncio.create_task(_fetch_page(client, cfg, feed, asked, lg))
+                continue
             fetch = None
             fetched: dict[int, dict[str, Any] | None] = {}
             if entity == "location":
@@ -299,6 +314,16 @@ def _restore_read_only(engine: Engine, entity: Entity, log: Any, within: Connect
                 mirror.update_mirror(conn, entity, mid, {c: base.get(c) for c in columns if c in base})
             mirror.clear_read_only_flag(conn, entity, mid)
             log.info("pull.read_only_restored", entity=entity, mirror_id=mid, columns=columns)
+
+
+def _fallback_from(engine: Engine, entity: Entity, within: Connection | None = None) -> str | None:
+    """Where a feed restarts when its token is rejected: the newest ``modifiedOn`` of its records in the mirror,
+    minus ``CURSOR_FALLBACK_MARGIN_S`` (None: from the beginning)."""
+    with _transaction(engine, within) as conn:
+        newest = shadow.newest_modified_on(conn, entity)
+    if newest is None:
+        return None
+    return (parse_timestamp(newest) - timedelta(seconds=CURSOR_FALLBACK_MARGIN_S)).isoformat()
 
 
 def _read_cursor(engine: Engine, feed: str, within: Connection | None = None) -> tuple[str | None, bool]:

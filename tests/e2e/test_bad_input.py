@@ -335,6 +335,22 @@ def test_a_continuation_token_that_never_moves_ends_the_run_with_a_warning(
     assert cursor(engine) == [(token,)]
 
 
+def test_a_rejected_continuation_token_falls_back_to_a_date_by_itself(engine: Engine, cfg: Config, sb: Sandbox,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    run_pull(engine, cfg, Tamper(create_app(sb)))  # initial load
+    sql(engine, "UPDATE feed_cursors SET continue_from = 'expired-token-123' WHERE feed = 'customers'")
+    st = customers(sb)[0]
+    sb.edit_customer(st, name="Changed While The Token Expired")
+    out = run_pull_within(engine, cfg, Tamper(create_app(sb)), 20)
+    assert out["customers"]["drained"] is True
+    assert rows(engine, "SELECT name FROM customers WHERE st_id = :s", s=st) == [("Changed While The Token Expired",)]
+    assert "pull.cursor_rejected" in capsys.readouterr().out
+    (token,) = cursor(engine)[0]
+    assert token and token != "expired-token-123"
+    again = run_pull_within(engine, cfg, Tamper(create_app(sb)), 20)  # and the feed goes on normally
+    assert again["customers"]["drained"] is True and "cursor_rejected" not in json.dumps(again)
+
+
 def test_a_pull_past_its_time_budget_ends_and_the_next_run_continues(engine: Engine, database_url: str,
                                                                       sb: Sandbox) -> None:
     cfg = make_config(database_url, sync={"pull_max_seconds_per_run": 1})
