@@ -140,3 +140,35 @@ def test_local_apps_need_privileges_on_the_mirror_tables_only(engine: Engine, da
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+def test_an_application_role_cannot_switch_change_capture_off(engine: Engine, database_url: str) -> None:
+    """``SET LOCAL stsync.bypass = 'on'`` is stsync's own marker; from a role with no rights on the change log
+    (an application, docs/deploy.md) it is ignored: the edit is logged, a delete too (its tombstone comes from it)."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    role = f"stsync_test_app_{uuid.uuid4().hex[:8]}"
+    admin = database_url.replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA stsync TO {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON stsync.customers, stsync.locations TO {role}")
+        conn.execute("INSERT INTO stsync.customers (name) VALUES ('before')")
+    before = len(changes(engine))
+    try:
+        app = make_url(database_url).set(drivername="postgresql", username=role, password=None)
+        with psycopg.connect(app.render_as_string(hide_password=False)) as conn:
+            with conn.transaction():
+                conn.execute("SET LOCAL stsync.bypass = 'on'")
+                conn.execute("UPDATE stsync.customers SET name = 'sneaky' WHERE name = 'before'")
+            with conn.transaction():
+                conn.execute("SELECT set_config('stsync.bypass', 'on', true)")
+                conn.execute("DELETE FROM stsync.customers WHERE name = 'sneaky'")
+        assert [op for (_, _, op) in changes(engine)[before:]] == ["U", "D"]
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
