@@ -14,9 +14,15 @@ import click
 from sync import __version__
 from sync.config import Config, load_config
 from sync.errors import StsyncError
-from sync.log import configure_logging, register_secret
+from sync.log import configure_logging, mask, register_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def echo(message: str, *, err: bool = False) -> None:
+    """Everything the CLI prints goes through here: registered secrets (the client secret, the app key, bearer
+    tokens) are masked, whatever ServiceTitan echoed back into an error or a stored row."""
+    click.echo(mask(message), err=err)
 
 
 @dataclass
@@ -43,7 +49,7 @@ def friendly_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except StsyncError as exc:
-            click.echo(f"stsync: error: {exc}", err=True)
+            echo(f"stsync: error: {exc}", err=True)
             sys.exit(exc.exit_code)
 
     return wrapper  # type: ignore[return-value]
@@ -68,7 +74,7 @@ def check_config(obj: Ctx) -> None:
     """Validate the configuration and print it with secrets hidden."""
     cfg = obj.config()
     st = cfg.servicetitan
-    click.echo(f"configuration OK: tenant {st.tenant_id} ({st.environment}), API {st.api_root}, "
+    echo(f"configuration OK: tenant {st.tenant_id} ({st.environment}), API {st.api_root}, "
                f"database {cfg.database.safe_url if cfg.database.url else '$DATABASE_URL'} schema {cfg.db_schema}")
 
 
@@ -92,7 +98,7 @@ def migrate(obj: Ctx, revision: str, downgrade: bool) -> None:
     with db.connect(engine) as conn:
         current = db.current_revision(conn, cfg.db_schema)
     log.info("migrate.done", revision=current)
-    click.echo(f'schema "{cfg.db_schema}" at revision {current}')
+    echo(f'schema "{cfg.db_schema}" at revision {current}')
 
 
 @cli.command()
@@ -115,10 +121,10 @@ def once(obj: Ctx, dry_run: bool) -> None:
     from sync.daemon.service import run_once
 
     summary = run_once(obj.config(), dry_run=dry_run)
-    click.echo(json.dumps(summary, sort_keys=True))
+    echo(json.dumps(summary, sort_keys=True))
     if summary["exit_code"]:  # cron and CI must see a failed cycle (2: credentials refused)
         for err in summary["errors"]:
-            click.echo(f"stsync: error: {err}", err=True)
+            echo(f"stsync: error: {err}", err=True)
         sys.exit(summary["exit_code"])
 
 
@@ -136,7 +142,7 @@ def status(obj: Ctx, as_json: bool) -> None:
     db.check_current(engine, cfg.db_schema)
     with db.connect(engine) as conn:
         data = st.collect(conn)
-    click.echo(json.dumps(data, indent=2, sort_keys=True) if as_json else st.render(data))
+    echo(json.dumps(data, indent=2, sort_keys=True) if as_json else st.render(data))
 
 
 @cli.command()
@@ -162,7 +168,7 @@ def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_loca
                  latency_ms=(float(lo), float(hi or lo)))
     if seed_customers or seed_locations:
         sb.seed(customers=seed_customers, locations=seed_locations)
-    click.echo(f"sandbox: tenant {tenant_id} on http://{host}:{port} "
+    echo(f"sandbox: tenant {tenant_id} on http://{host}:{port} "
                f"(client_id={sb.client_id}, app key and secret: see docs/sandbox.md)", err=True)
     serve(sb, host, port)
 
@@ -219,7 +225,7 @@ def outbox_list(obj: Ctx, state: str | None, entity: str | None, limit: int, as_
 
     with _engine(obj).connect() as conn:
         rows = outbox_admin.list_rows(conn, state=state, entity=entity, limit=limit)
-    click.echo(json.dumps(rows, indent=2) if as_json else _table(
+    echo(json.dumps(rows, indent=2) if as_json else _table(
         rows, ["id", "entity", "mirror_id", "st_id", "state", "attempts", "last_status", "updated_at", "error"]))
 
 
@@ -232,7 +238,7 @@ def outbox_show(obj: Ctx, outbox_id: int) -> None:
     from sync.commands import outbox as outbox_admin
 
     with _engine(obj).connect() as conn:
-        click.echo(json.dumps(outbox_admin.show(conn, outbox_id), indent=2, default=str))
+        echo(json.dumps(outbox_admin.show(conn, outbox_id), indent=2, default=str))
 
 
 @outbox.command("retry")
@@ -248,7 +254,7 @@ def outbox_retry(obj: Ctx, outbox_id: int | None, all_dead: bool) -> None:
         raise click.UsageError("give one outbox ID or --all-dead")
     with _engine(obj).begin() as conn:
         n = outbox_admin.retry(conn, outbox_id, all_dead=all_dead)
-    click.echo(f"{n} row(s) queued again")
+    echo(f"{n} row(s) queued again")
 
 
 @outbox.command("discard")
@@ -261,7 +267,7 @@ def outbox_discard(obj: Ctx, outbox_id: int) -> None:
 
     with _engine(obj).begin() as conn:
         restored = outbox_admin.discard(conn, outbox_id)
-    click.echo(f"outbox row {outbox_id} discarded"
+    echo(f"outbox row {outbox_id} discarded"
                + (f"; back to the last-synced value: {', '.join(restored)}" if restored else ""))
 
 
@@ -281,7 +287,7 @@ def conflicts_list(obj: Ctx, entity: str | None, limit: int, as_json: bool) -> N
 
     with _engine(obj).connect() as conn:
         rows = outbox_admin.conflicts(conn, limit=limit, entity=entity)
-    click.echo(json.dumps(rows, indent=2) if as_json else _table(
+    echo(json.dumps(rows, indent=2) if as_json else _table(
         rows, ["id", "entity", "mirror_id", "st_id", "field", "local_value", "remote_value", "outcome",
                "detected_at"]))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import structlog
@@ -16,21 +16,54 @@ _secret_values: set[str] = set()
 
 
 def register_secret(value: str | None) -> None:
-    """Mask this exact value wherever it appears in a log line, whatever key carries it."""
+    """Mask this exact value wherever it appears in a log line, in command output and in what stsync stores,
+    whatever key carries it and however deep (the client secret, the app key, every bearer token)."""
     if value and len(value) >= 4:
         _secret_values.add(value)
+
+
+def mask(text: str) -> str:
+    """``text`` with every registered secret replaced by ``***``."""
+    for s in _secret_values:
+        if s in text:
+            text = text.replace(s, _REDACTED)
+    return text
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` (str, or JSON-like dicts and lists, any depth) with every registered secret masked."""
+    if not _secret_values:
+        return value
+    if isinstance(value, str):
+        return mask(value)
+    if isinstance(value, Mapping):
+        return {redact(k) if isinstance(k, str) else k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    return value
 
 
 def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event.items()):
         if _SECRET_KEYS.search(key) and value is not None and key != "event":
             event[key] = _REDACTED
-        elif isinstance(value, str) and _secret_values:
-            for s in _secret_values:
-                if s in value:
-                    value = value.replace(s, _REDACTED)
-            event[key] = value
+        elif _secret_values and not isinstance(value, int | float | bool | type(None)):
+            event[key] = redact(value if isinstance(value, str | Mapping | list | tuple) else str(value))
     return event
+
+
+class _MaskingFormatter(logging.Formatter):
+    """stdlib log records (libraries: uvicorn, apscheduler), tracebacks included, with secrets masked."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask(super().format(record))
+
+
+def _masking_excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+    """An uncaught exception's traceback, with secrets masked, on stderr."""
+    import traceback
+
+    sys.stderr.write(mask("".join(traceback.format_exception(kind, exc, tb))))
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:
@@ -41,8 +74,8 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,  # the traceback as text first, so that _redact masks it too
         _redact,
-        structlog.processors.format_exc_info if fmt == "json" else structlog.dev.set_exc_info,
     ]
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=False)
@@ -55,7 +88,15 @@ def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=out, format="%(name)s %(levelname)s %(message)s")
+    root = logging.getLogger()
+    others = [h for h in root.handlers if not getattr(h, "stsync", False)]
+    if not others:  # as logging.basicConfig would (a host such as pytest keeps its own handlers and level)
+        handler = logging.StreamHandler(out)
+        handler.setFormatter(_MaskingFormatter("%(name)s %(levelname)s %(message)s"))
+        handler.stsync = True  # type: ignore[attr-defined]
+        root.handlers = [handler]
+        root.setLevel(max(numeric, logging.WARNING))
+    sys.excepthook = _masking_excepthook
     for noisy in ("httpx", "httpcore", "uvicorn.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # "skipped: maximum number of running instances reached" is how a coalesced wake-up looks: not a problem

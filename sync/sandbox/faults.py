@@ -33,6 +33,9 @@ class Fault:
 
     ``after_apply`` (server_error, drop): the request is processed (a PATCH is applied) and only then does the
     answer fail, the case a client cannot tell from a failure before the write.
+    ``echo_headers`` (server_error, any ``status``, 400 included): the JSON error body carries the request's
+    headers, as a misconfigured gateway or a debugging error page does (credentials included): what a client
+    must never copy into its logs, output or database.
     """
 
     kind: FaultKind
@@ -42,14 +45,16 @@ class Fault:
     html: bool = False
     after_apply: bool = False
     delay_ms: float = 0.0
+    echo_headers: bool = False
 
     @classmethod
     def rate_limited(cls, retry_after: float = 1.0, style: RetryAfterStyle = "seconds") -> Fault:
         return cls("rate_limit", status=429, retry_after=retry_after, retry_after_style=style)
 
     @classmethod
-    def server_error(cls, status: int = 500, *, html: bool = False, after_apply: bool = False) -> Fault:
-        return cls("server_error", status=status, html=html, after_apply=after_apply)
+    def server_error(cls, status: int = 500, *, html: bool = False, after_apply: bool = False,
+                     echo_headers: bool = False) -> Fault:
+        return cls("server_error", status=status, html=html, after_apply=after_apply, echo_headers=echo_headers)
 
     @classmethod
     def dropped(cls, *, after_apply: bool = False) -> Fault:
@@ -83,6 +88,7 @@ class Fault:
             html=bool(data.get("html", False)),
             after_apply=bool(data.get("after_apply", False)),
             delay_ms=float(data.get("delay_ms", 0.0)),
+            echo_headers=bool(data.get("echo_headers", False)),
         )
 
 

@@ -167,7 +167,7 @@ class Gateway:
         if fault.after_apply:
             await self.app(scope, receive, _swallowing(route, outcome))
         if fault.kind == "server_error":
-            await _send_server_error(send, outcome, fault)
+            await _send_server_error(send, outcome, fault, scope)
         else:
             await _drop(send, outcome)
 
@@ -240,8 +240,13 @@ async def _send_429(send: Send, outcome: _Outcome, wait: float, style: str) -> N
     await _send_body(send, outcome, 429, dumps(problem(429, title)), JSON_TYPE, extra)
 
 
-async def _send_server_error(send: Send, outcome: _Outcome, fault: Fault) -> None:
+async def _send_server_error(send: Send, outcome: _Outcome, fault: Fault, scope: Scope) -> None:
     status = fault.status or 500
+    if fault.echo_headers:
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        body = {**problem(status, SERVER_ERROR_TITLES.get(status, "Request failed")), "request": {"headers": headers}}
+        await _send_body(send, outcome, status, dumps(body), JSON_TYPE)
+        return
     if fault.html:
         await _send_body(send, outcome, status, HTML_502.replace("502 Bad Gateway", f"{status} {_reason(status)}")
                          .encode(), "text/html")

@@ -24,7 +24,7 @@ import httpx
 
 from sync.config import ServiceTitanConfig
 from sync.errors import AuthError, ServiceTitanError
-from sync.log import get_logger
+from sync.log import get_logger, register_secret
 from sync.servicetitan.ratelimit import RateLimiter
 
 log = get_logger("stsync.client")
@@ -161,6 +161,7 @@ class ServiceTitanClient:
         try:
             data = resp.json()
             token = str(data["access_token"])
+            register_secret(token)  # masked wherever it might be echoed back (an error body, a traceback)
             ttl = float(data.get("expires_in", 900))
         except (ValueError, KeyError, TypeError):
             raise ServiceTitanError(f"token endpoint answered {resp.status_code} without an access_token",

@@ -36,7 +36,7 @@ from sync.core.presend import changed_since
 from sync.core.retry import Outcome, backoff_seconds, classify
 from sync.db import attempts, changelog, conflicts, mirror, outbox, rejected, shadow
 from sync.db.engine import bypass_triggers
-from sync.log import get_logger
+from sync.log import get_logger, redact
 from sync.servicetitan.client import IDS_PER_LIST, ApiResponse, ServiceTitanClient
 
 log = get_logger("stsync.dispatch")
@@ -205,6 +205,7 @@ class Dispatcher:
                               "body": resp.body}
                 self.log.warning("outbox.answer_not_a_record", outbox_id=c.outbox_id, entity=c.entity,
                                  st_id=c.st_id, status=resp.status, problem=problem[:300])
+        error_body = redact(error_body)  # an error body may echo our request headers (credentials): never stored
         error_json = json.dumps(error_body, default=str)
         with self.engine.begin() as conn:
             attempts.record(conn, outbox_id=c.outbox_id, attempt=c.attempt, worker=self.worker,

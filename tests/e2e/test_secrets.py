@@ -118,6 +118,10 @@ def test_secrets_and_tokens_never_reach_logs_output_or_the_database(e2e: Env, tm
     sql(e2e.engine, "UPDATE customers SET type = 'Alien' WHERE st_id = :s", s=st_ids[2])
     sb.faults.add(Fault.rate_limited(0.2), method="PATCH")
     sb.faults.add(Fault.server_error(502, html=True), method="PATCH")
+    # error bodies that echo the request's headers (app key, bearer token): a 503 retried, a 400 that ends dead
+    sb.faults.add(Fault.server_error(503, echo_headers=True), method="PATCH", record_id=st_ids[0])
+    sql(e2e.engine, "UPDATE customers SET name = 'Echoed And Dead' WHERE st_id = :s", s=st_ids[5])
+    sb.faults.add(Fault.server_error(400, echo_headers=True), method="PATCH", record_id=st_ids[5], times=None)
     out = [run_cli(cfg, "once", "--dry-run", env=env), run_cli(cfg, "check-config", env=env)]
     log_file = tmp_path / "daemon.log"
     with open(log_file, "w") as log:
@@ -137,8 +141,11 @@ def test_secrets_and_tokens_never_reach_logs_output_or_the_database(e2e: Env, tm
             assert stop(proc, signal.SIGTERM) == 0
     assert len(tokens) >= 2 and any(r.status == 401 for r in sb.requests)  # the refresh path was taken
     assert any(r.status == 429 for r in sb.requests) and any(r.status == 502 for r in sb.requests)
+    assert any(r.status == 503 for r in sb.requests) and any(r.status == 400 for r in sb.requests)
     dead = rows(e2e.engine, "SELECT id FROM outbox WHERE state = 'dead' ORDER BY id")
-    assert len(dead) == 2
+    assert len(dead) == 3
+    echoed = json.dumps([r[0] for r in rows(e2e.engine, "SELECT last_error FROM outbox WHERE state = 'dead'")])
+    assert '"request"' in echoed and "***" in echoed  # the echo was stored, with the credentials masked
     out += [run_cli(cfg, "status", "--json", env=env), run_cli(cfg, "status", env=env),
             run_cli(cfg, "outbox", "list", "--json", env=env), run_cli(cfg, "conflicts", "list", "--json", env=env),
             *(run_cli(cfg, "outbox", "show", str(oid), env=env) for (oid,) in dead)]
