@@ -20,6 +20,7 @@ from sync.db import engine as db
 
 SCHEMA = "stsync"
 TABLES = ("outbox_attempts", "outbox", "change_log", "shadow", "conflicts", "tombstones", "feed_cursors", "workers",
+          "quarantine",
           "locations", "customers")
 
 

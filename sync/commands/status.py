@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from sync.core.fields import ENTITIES
-from sync.db import changelog, conflicts, cursors, mirror, outbox, tombstones
+from sync.db import changelog, conflicts, cursors, mirror, outbox, quarantine, tombstones
 from sync.db.outbox import STATES as OUTBOX_STATES
 
 
@@ -25,6 +25,7 @@ def collect(conn: Connection) -> dict[str, Any]:
         for c in cursors.all_cursors(conn)
     }
     last_pull = max((c["last_pull_at"] for c in feeds.values() if c["last_pull_at"]), default=None)
+    held = quarantine.count(conn)
     return {
         "outbox": counts,
         "oldest_pending_seconds": round(oldest, 3) if oldest is not None else None,
@@ -34,6 +35,7 @@ def collect(conn: Connection) -> dict[str, Any]:
         "rows_with_sync_error": {e: mirror.count_with_error(conn, e) for e in ENTITIES},
         "read_only_edits": {e: mirror.count_read_only_flagged(conn, e) for e in ENTITIES},
         "tombstones": tombstones.count(conn),
+        "quarantined": {e: held.get(e, 0) for e in ENTITIES},
         "conflicts": conflicts.count(conn),
         "last_pull_at": last_pull,
         "cursors": feeds,
@@ -55,6 +57,8 @@ def render(status: dict[str, Any]) -> str:
         "read-only edits: " + "  ".join(f"{k}={v}" for k, v in status["read_only_edits"].items())
         + "   (never sent; the next pull puts ServiceTitan's values back)",
         f"tombstones:     {status['tombstones']}   (local deletes, not propagated)",
+        "quarantined:    " + "  ".join(f"{k}={v}" for k, v in status["quarantined"].items())
+        + "   (feed records that could not be stored: table quarantine)",
         f"conflicts:      {status['conflicts']}",
         f"last pull:      {status['last_pull_at'] or 'never'}",
     ]

@@ -3,6 +3,7 @@ Pure; the pull (sync.stages.pull) fetches the pages and applies the records."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
@@ -91,3 +92,40 @@ def newer(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
         return False
 
 
+
+
+BIGINT_MAX = 2**63 - 1
+
+
+def unstorable(raw: Any) -> str | None:
+    """Why PostgreSQL could not store this record (a value out of bigint range, a float that is not finite, a
+    string that is not valid Unicode such as a lone UTF-16 surrogate), or None. Checked before writing, so one
+    such record is quarantined instead of failing its whole page."""
+
+    def why(v: Any, path: str) -> str | None:
+        if isinstance(v, bool) or v is None:
+            return None
+        if isinstance(v, int):
+            return f"{path}: {v} is out of the 64-bit integer range" if not -BIGINT_MAX - 1 <= v <= BIGINT_MAX \
+                else None
+        if isinstance(v, float):
+            return None if math.isfinite(v) else f"{path}: {v} is not a finite number"
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"{path}: not valid Unicode (a lone surrogate)"
+            return None
+        if isinstance(v, dict):
+            for k, x in v.items():
+                found = why(k, f"{path}.<key>") or why(x, f"{path}.{k}")
+                if found:
+                    return found
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                found = why(x, f"{path}[{i}]")
+                if found:
+                    return found
+        return None
+
+    return why(raw, "record")

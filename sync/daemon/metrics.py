@@ -14,7 +14,7 @@ from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine
 
 from sync.core.retry import Outcome
-from sync.db import changelog, cursors, outbox
+from sync.db import changelog, cursors, outbox, quarantine
 from sync.servicetitan.client import ApiResponse
 from sync.servicetitan.ratelimit import RateLimiter
 
@@ -74,6 +74,8 @@ class _DatabaseCollector:
         pull_lag = GaugeMetricFamily("stsync_pull_lag_seconds", "Seconds since the last pull", labels=["feed"])
         cursor_age = GaugeMetricFamily("stsync_pull_cursor_age_seconds", "Seconds since a feed cursor moved",
                                        labels=["feed"])
+        held = GaugeMetricFamily("stsync_quarantined_records", "Feed records that could not be stored",
+                                 labels=["entity"])
         up = GaugeMetricFamily("stsync_database_up", "1 when the database answered this scrape")
         try:
             with self.engine.connect() as conn:
@@ -81,10 +83,13 @@ class _DatabaseCollector:
                     depth.add_metric([state], n)
                 oldest.add_metric([], outbox.oldest_pending_seconds(conn) or 0.0)
                 push_lag.add_metric([], changelog.push_lag_seconds(conn) or 0.0)
+                kept = quarantine.count(conn)
+                for entity in ("customer", "location"):
+                    held.add_metric([entity], kept.get(entity, 0))
                 for c in cursors.all_cursors(conn):
                     pull_lag.add_metric([c["feed"]], float(c["pull_age_s"] or 0))
                     cursor_age.add_metric([c["feed"]], float(c["moved_age_s"] or 0))
             up.add_metric([], 1)
         except Exception:
             up.add_metric([], 0)
-        yield from (depth, oldest, push_lag, pull_lag, cursor_age, up)
+        yield from (depth, oldest, push_lag, pull_lag, cursor_age, held, up)

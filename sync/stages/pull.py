@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -25,10 +26,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DataError, IntegrityError
 
 from sync.config import Config
 from sync.core.diff import sent_values, unconfirmed_versions
-from sync.core.export import Page, missing_fields, newer, normalise, parse_page, without_nul
+from sync.core.export import BIGINT_MAX, Page, missing_fields, newer, normalise, parse_page, unstorable, without_nul
 from sync.core.fields import (
     CUSTOMER_LINK,
     ENTITIES,
@@ -39,11 +41,11 @@ from sync.core.fields import (
 )
 from sync.core.merge import MergeResult, Policy, is_echo, is_stale, merge
 from sync.core.retry import Outcome, backoff_seconds, classify
-from sync.db import changelog, conflicts, cursors, mirror, outbox, shadow, tombstones
+from sync.db import changelog, conflicts, cursors, mirror, outbox, quarantine, shadow, tombstones
 from sync.db.engine import bypass_triggers, connect
 from sync.errors import ServiceTitanError
 from sync.log import get_logger
-from sync.servicetitan.client import ApiResponse, ServiceTitanClient
+from sync.servicetitan.client import IDS_PER_LIST, ApiResponse, ServiceTitanClient
 
 _log = get_logger("stsync.pull")
 
@@ -51,6 +53,8 @@ PULL_ATTEMPTS = 4
 """Tries per export page / customer GET on transient failures (5xx, timeouts) before the pull gives up."""
 MAX_RATE_LIMITED_WAITS = 50
 CUSTOMER_FETCH_CONCURRENCY = 8
+QUARANTINE_RAW_MAX = 100_000
+"""Characters of a quarantined record's raw JSON kept."""
 CURSOR_FALLBACK_MARGIN_S = 3600.0
 """A rejected continuation token: the feed restarts this long before the newest modifiedOn the mirror holds."""
 
@@ -77,6 +81,10 @@ class FeedStats:
     tombstoned: int = 0
     customers_fetched: int = 0
     rechecks: int = 0
+    quarantined: int = 0
+    """Records put aside (``quarantine`` table): the rest of their page applied."""
+    released: int = 0
+    """Quarantined records applied at last."""
 
     def add(self, other: FeedStats) -> None:
         for k, v in asdict(other).items():
@@ -123,6 +131,8 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
     lg = log or _log
     feed = NAMES[entity].feed
     await asyncio.to_thread(_restore_read_only, engine, entity, lg, within)
+    if within is None:
+        await _refetch_quarantined(engine, client, cfg, entity, lg)
     stored, initial_done = await asyncio.to_thread(_read_cursor, engine, feed, within)
     token = stored or (None if initial_done else cfg.sync.initial_from)
     totals = FeedStats()
@@ -216,12 +226,39 @@ async def apply_fetched(engine: Engine, client: ServiceTitanClient, cfg: Config,
         stats = FeedStats(records=len(data))
         with connect(engine) as conn, conn.begin():
             bypass_triggers(conn)
-            recs = _parse_records(entity, data, stats, lg)
+            quarantined: list[dict[str, Any]] = []
+            recs = _parse_records(entity, data, stats, lg, quarantined)
             customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, lg) if entity == "location" else None
-            _apply_records(conn, cfg, entity, recs, stats, lg, customer_ids)
+            _apply_guarded(conn, cfg, entity, recs, stats, lg, customer_ids, quarantined)
+            _settle_quarantine(conn, entity, recs, quarantined, stats)
         return stats
 
     return await asyncio.to_thread(apply)
+
+
+async def _refetch_quarantined(engine: Engine, client: ServiceTitanClient, cfg: Config, entity: Entity,
+                               log: Any) -> None:
+    """Quarantined records (up to one list request's worth, least recently seen first) are fetched by id and
+    merged: a record the feed moved past (required fields missing, say) is not lost until it changes again."""
+    def ids() -> list[int]:
+        with connect(engine) as conn, conn.begin():
+            found = quarantine.refetchable(conn, entity, IDS_PER_LIST)
+            quarantine.touch(conn, entity, found)
+            return found
+
+    wanted = await asyncio.to_thread(ids)
+    if not wanted:
+        return
+    resp = await _call(f"{NAMES[entity].collection}?ids=", cfg, log,
+                       lambda: client.list_by_ids(NAMES[entity].collection, wanted))
+    data = resp.body.get("data") if resp.ok and isinstance(resp.body, dict) else None
+    if not isinstance(data, list):
+        log.warning("pull.quarantine_refetch_failed", entity=entity, records=len(wanted), status=resp.status,
+                    error=resp.error)
+        return
+    stats = await apply_fetched(engine, client, cfg, entity, data, log=log)
+    log.info("pull.quarantine_refetched", entity=entity, asked=len(wanted), found=len(data),
+             released=stats.released, quarantined=stats.quarantined)
 
 
 # ---------------------------------------------------------------------------------------------------- HTTP
@@ -353,36 +390,87 @@ def _store_cursor(conn: Connection, feed: str, page: Page) -> None:
 # ---------------------------------------------------------------------------------------------------- apply
 
 
-def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any) -> dict[int, dict[str, Any]]:
-    """st_id -> canonical record; a record repeated within the page counts once (the newest version)."""
+def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any,
+                   quarantined: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """st_id -> canonical record; a record repeated within the page counts once (the newest version). A record
+    that cannot be used (no id, required fields missing, a value PostgreSQL cannot store, a value that does not
+    convert) goes to ``quarantined`` instead, and the rest of the page applies."""
     out: dict[int, dict[str, Any]] = {}
+
+    def put_aside(raw: Any, st_id: Any, reason: str, **fields: Any) -> None:
+        stats.skipped += 1
+        stats.quarantined += 1
+        storable = isinstance(st_id, int) and not isinstance(st_id, bool) and -BIGINT_MAX - 1 <= st_id <= BIGINT_MAX
+        text = json.dumps(raw, default=str)[:QUARANTINE_RAW_MAX]  # ASCII: surrogates and NUL are escaped
+        key = str(st_id) if isinstance(st_id, int) and not isinstance(st_id, bool) else \
+            "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+        quarantined.append({"key": key, "st_id": st_id if storable else None, "raw": text, "reason": reason})
+        log.warning("pull.record_quarantined", entity=entity, st_id=st_id if storable else None,
+                    reason=reason[:300], **fields)
+
     for i, raw in enumerate(data):
         st_id = raw.get("id") if isinstance(raw, dict) else None
         if not isinstance(st_id, int) or isinstance(st_id, bool):
-            stats.skipped += 1
-            log.warning("pull.record_skipped", entity=entity, position=i, reason="no id")
+            put_aside(raw, None, "no id", position=i)
             continue
         missing = missing_fields(entity, raw)
         if missing:
-            stats.skipped += 1
-            log.warning("pull.record_skipped", entity=entity, st_id=st_id, reason="missing required fields",
-                        fields=missing)
+            put_aside(raw, st_id, "missing required fields: " + ", ".join(missing), fields=missing)
             continue
         raw, had_nul = without_nul(raw)
         if had_nul:
             log.warning("pull.nul_removed", entity=entity, st_id=st_id)
+        problem = unstorable(raw)
+        if problem is not None:
+            put_aside(raw, st_id, f"cannot be stored: {problem}")
+            continue
         try:
             rec = normalise(record_from_api(entity, raw))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            stats.skipped += 1
-            log.warning("pull.record_skipped", entity=entity, st_id=st_id, reason=type(exc).__name__,
-                        error=str(exc)[:200])
+            put_aside(raw, st_id, f"does not convert: {type(exc).__name__}: {str(exc)[:200]}")
             continue
         seen = out.get(st_id)
         if seen is not None and newer(seen, rec):
             continue
         out[st_id] = rec
     return out
+
+
+def _apply_guarded(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, dict[str, Any]],
+                   stats: FeedStats, log: Any, customer_ids: dict[int, int] | None,
+                   quarantined: list[dict[str, Any]]) -> None:
+    """Apply ``recs``; if the database refuses the batch (a value the checks did not foresee), apply the records
+    one by one, each in its own savepoint, and quarantine those it refuses: one record never blocks a feed."""
+    batch = FeedStats()
+    try:
+        with conn.begin_nested():
+            _apply_records(conn, cfg, entity, recs, batch, log, customer_ids)
+        stats.add(batch)
+        return
+    except (DataError, IntegrityError) as exc:  # the data; a lost connection or a lock timeout is raised
+        log.warning("pull.page_applied_record_by_record", entity=entity, records=len(recs),
+                    error=str(exc.orig).splitlines()[0][:300] if exc.orig else type(exc).__name__)
+    for st_id, rec in recs.items():
+        one = FeedStats()
+        try:
+            with conn.begin_nested():
+                _apply_records(conn, cfg, entity, {st_id: rec}, one, log, customer_ids)
+            stats.add(one)
+        except (DataError, IntegrityError) as exc:
+            reason = "the database refused it: " + (str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
+            stats.skipped += 1
+            stats.quarantined += 1
+            quarantined.append({"key": str(st_id), "st_id": st_id, "raw": json.dumps(rec, default=str)[
+                :QUARANTINE_RAW_MAX], "reason": reason[:1000]})
+            log.warning("pull.record_quarantined", entity=entity, st_id=st_id, reason=reason[:300])
+
+
+def _settle_quarantine(conn: Connection, entity: Entity, recs: dict[int, dict[str, Any]],
+                       quarantined: list[dict[str, Any]], stats: FeedStats) -> None:
+    """Store what was put aside; records applied at last leave the quarantine."""
+    quarantine.put(conn, entity, quarantined)
+    held = {q["st_id"] for q in quarantined}
+    stats.released += quarantine.release(conn, entity, (i for i in recs if i not in held))
 
 
 def _apply_page(engine: Engine, cfg: Config, entity: Entity, page: Page, expected: str | None,
@@ -392,11 +480,13 @@ def _apply_page(engine: Engine, cfg: Config, entity: Entity, page: Page, expecte
     with _transaction(engine, within) as conn:
         bypass_triggers(conn)
         _lock_cursor(conn, feed, expected)
-        recs = _parse_records(entity, page.data, stats, log)
+        quarantined: list[dict[str, Any]] = []
+        recs = _parse_records(entity, page.data, stats, log, quarantined)
         customer_ids: dict[int, int] | None = None
         if entity == "location":
             customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, log)
-        _apply_records(conn, cfg, entity, recs, stats, log, customer_ids)
+        _apply_guarded(conn, cfg, entity, recs, stats, log, customer_ids, quarantined)
+        _settle_quarantine(conn, entity, recs, quarantined, stats)
         _store_cursor(conn, feed, page)
     return stats
 
@@ -414,6 +504,7 @@ def _resolve_customers(conn: Connection, cfg: Config, recs: dict[int, dict[str, 
     if arrived:
         cust = FeedStats()
         _apply_records(conn, cfg, "customer", arrived, cust, log, None)
+        quarantine.release(conn, "customer", arrived)  # fetched by id, whole: out of quarantine if it was in
         stats.customers_fetched += cust.inserted + cust.applied
         stats.conflicts += cust.conflicts
         known.update(mirror.customer_mirror_ids(conn, arrived))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from sync.core import openapi
 from sync.errors import ServiceTitanError
 from sync.sandbox import Sandbox, create_app
 from sync.servicetitan.client import ServiceTitanClient
-from sync.stages.pull import pull
+from sync.stages.pull import pull, pull_feed
 from tests.chaos_kit import Tamper, cut_off, cycle, html_502, non_json_200, raw, rewrite_json, truncated_200
 from tests.conftest import make_config
 from tests.e2ekit import Env
@@ -314,6 +315,79 @@ def run_pull_within(engine: Engine, cfg: Config, transport: Any, seconds: float)
 
 def cursor(engine: Engine) -> Any:
     return rows(engine, "SELECT continue_from FROM feed_cursors WHERE feed = 'customers'")
+
+
+def customers_feed(engine: Engine, cfg: Config, transport: Any) -> dict[str, Any]:
+    """The customers feed alone (the locations feed would fetch a quarantined customer by id, whole)."""
+    async def main() -> dict[str, Any]:
+        async with ServiceTitanClient(cfg.servicetitan, transport=transport) as st:
+            return await asyncio.wait_for(pull_feed(engine, st, cfg, "customer"), 20)
+
+    return asyncio.run(main())
+
+
+def _spoil(target: int, change: Any) -> Callable[..., Any]:
+    """Export pages in which record ``target`` is changed by ``change`` (a function of the raw record dict)."""
+    async def action(request: httpx.Request, inner: Any) -> httpx.Response:
+        real = await inner(request)
+        page = json.loads(real.content)
+        for rec in page["data"]:
+            if rec.get("id") == target:
+                change(rec)
+        text = json.dumps(page).replace('"__SURROGATE__"', '"bad \\ud800 name"').replace('"__INF__"', "Infinity")
+        return raw(real.status_code, text.encode())
+
+    return action
+
+
+BAD_RECORDS: dict[str, Any] = {
+    "id above bigint": lambda r: r.update(id=2**63 + 5),
+    "lone surrogate in name": lambda r: r.update(name="__SURROGATE__"),
+    "infinite latitude": lambda r: r["address"].update(latitude="__INF__"),
+    "required field missing": lambda r: r.pop("name"),
+    "no id": lambda r: r.pop("id"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_RECORDS))
+def test_one_bad_export_record_is_quarantined_and_the_rest_of_the_page_applies(engine: Engine, cfg: Config,
+                                                                               sb: Sandbox, kind: str) -> None:
+    tamper = Tamper(create_app(sb))
+    tamper.add("GET", r"/export/customers", _spoil(customers(sb)[0], BAD_RECORDS[kind]), times=1000)
+    out = {"customers": customers_feed(engine, cfg, tamper)}
+    n = len(sb.customers())
+    assert out["customers"]["drained"] is True and out["customers"]["quarantined"] >= 1
+    assert rows(engine, "SELECT count(*) FROM customers") == [(n - 1,)]  # every other record applied
+    ((entity, reason, raw_text),) = rows(engine, "SELECT entity, reason, raw FROM quarantine")
+    assert entity == "customer" and reason and raw_text.startswith("{")
+    assert cursor(engine)[0][0]  # the feed moved on
+
+
+def test_a_quarantined_record_is_released_when_a_good_version_arrives(engine: Engine, cfg: Config,
+                                                                      sb: Sandbox) -> None:
+    tamper = Tamper(create_app(sb))
+    tamper.add("GET", r"/export/customers", _spoil(customers(sb)[0], BAD_RECORDS["lone surrogate in name"]),
+               times=1000)
+    customers_feed(engine, cfg, tamper)
+    ((st_id,),) = rows(engine, "SELECT st_id FROM quarantine")
+    sb.edit_customer(st_id, name="Fixed In ServiceTitan")
+    customers_feed(engine, cfg, Tamper(create_app(sb)))  # fetched by id first, and in the feed: applied either way
+    assert rows(engine, "SELECT count(*) FROM quarantine") == [(0,)]
+    assert rows(engine, "SELECT name FROM customers WHERE st_id = :s", s=st_id) == [("Fixed In ServiceTitan",)]
+
+
+def test_a_record_skipped_for_missing_fields_is_fetched_by_id_on_the_next_pull(engine: Engine, cfg: Config,
+                                                                              sb: Sandbox) -> None:
+    target = customers(sb)[0]
+    tamper = Tamper(create_app(sb))
+    tamper.add("GET", r"/export/customers", _spoil(target, BAD_RECORDS["required field missing"]), times=1000)
+    customers_feed(engine, cfg, tamper)
+    assert rows(engine, "SELECT st_id FROM quarantine") == [(target,)]
+    sb.reset_log()
+    customers_feed(engine, cfg, Tamper(create_app(sb)))
+    assert any(r.endpoint == "GET /customers" and str(target) in r.query for r in sb.requests)  # fetched by id
+    assert rows(engine, "SELECT count(*) FROM quarantine") == [(0,)]
+    assert rows(engine, "SELECT count(*) FROM customers WHERE st_id = :s", s=target) == [(1,)]
 
 
 def test_a_continuation_token_that_never_moves_ends_the_run_with_a_warning(
