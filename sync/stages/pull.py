@@ -398,6 +398,7 @@ def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any,
     out: dict[int, dict[str, Any]] = {}
 
     def put_aside(raw: Any, st_id: Any, reason: str, **fields: Any) -> None:
+        reason = _storable_text(reason)
         stats.skipped += 1
         stats.quarantined += 1
         storable = isinstance(st_id, int) and not isinstance(st_id, bool) and -BIGINT_MAX - 1 <= st_id <= BIGINT_MAX
@@ -436,6 +437,11 @@ def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any,
     return out
 
 
+def _storable_text(value: str) -> str:
+    """Text PostgreSQL can store: NUL and lone surrogates (from the record, quoted in a reason) escaped."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+
+
 def _apply_guarded(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, dict[str, Any]],
                    stats: FeedStats, log: Any, customer_ids: dict[int, int] | None,
                    quarantined: list[dict[str, Any]]) -> None:
@@ -457,7 +463,8 @@ def _apply_guarded(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
                 _apply_records(conn, cfg, entity, {st_id: rec}, one, log, customer_ids)
             stats.add(one)
         except (DataError, IntegrityError) as exc:
-            reason = "the database refused it: " + (str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
+            reason = _storable_text("the database refused it: "
+                                    + (str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__))
             stats.skipped += 1
             stats.quarantined += 1
             quarantined.append({"key": str(st_id), "st_id": st_id, "raw": json.dumps(rec, default=str)[
