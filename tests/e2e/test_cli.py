@@ -57,7 +57,7 @@ def test_migrate_then_status(config_file: Path, fresh_db: str) -> None:
     env = {"DB_URL": fresh_db}
     first = stsync("--config", str(config_file), "migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert 'schema "stsync" at revision 0008' in first.stdout
+    assert 'schema "stsync" at revision 0009' in first.stdout
     second = stsync("--config", str(config_file), "migrate", env=env)
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout

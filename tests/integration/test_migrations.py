@@ -172,3 +172,18 @@ def test_an_application_role_cannot_switch_change_capture_off(engine: Engine, da
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+def test_an_application_cannot_point_a_mirror_row_at_another_servicetitan_record(engine: Engine) -> None:
+    """``st_id`` aims every later PATCH: once set it cannot be changed or cleared (NULL -> an id stays allowed)."""
+    from sqlalchemy.exc import IntegrityError
+
+    with engine.begin() as conn:
+        mid = conn.execute(text("INSERT INTO customers (name) VALUES ('linked') RETURNING id")).scalar_one()
+        conn.execute(text("UPDATE customers SET st_id = 111 WHERE id = :m"), {"m": mid})  # linking: allowed
+    for new in ("222", "NULL"):
+        with pytest.raises(IntegrityError, match="st_id is ServiceTitan's id"), engine.begin() as conn:
+            conn.execute(text(f"UPDATE customers SET st_id = {new} WHERE id = :m"), {"m": mid})
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE customers SET name = 'still editable' WHERE id = :m"), {"m": mid})
+        assert conn.execute(text("SELECT st_id FROM customers WHERE id = :m"), {"m": mid}).scalar_one() == 111
