@@ -47,8 +47,17 @@ def plan_record(settings: PatchSettings, entity: Entity, mirror_id: int, record:
                 diff[column] = [shadow.get(column), record.get(column)]
     if not diff:
         return diff, None
-    return diff, build_patch(entity, record, shadow, diff, mirror_id=mirror_id,
-                             application_guid=settings.application_guid, mirror_id_key=settings.mirror_id_key)
+    patch = build_patch(entity, record, shadow, diff, mirror_id=mirror_id,
+                        application_guid=settings.application_guid, mirror_id_key=settings.mirror_id_key)
+    merged_into = shadow.get("merged_to_id")
+    if merged_into is not None:
+        # ServiceTitan merged this record into another: an edit of it would land on a record nobody uses any
+        # more, and sending it to the survivor could overwrite the survivor's own values. Not sent; the
+        # operator re-applies it on the survivor (docs/push.md, "Merged records")
+        patch = Patch(patch.body, {"merged_to_id": [
+            f"merged into {entity} {merged_into} in ServiceTitan: not sent; make this edit on that {entity}"]},
+            reason="merged")
+    return diff, patch
 
 
 def sync_error(problem: str, **extra: Any) -> str:
@@ -58,6 +67,9 @@ def sync_error(problem: str, **extra: Any) -> str:
 
 def rejection(patch: Patch) -> tuple[str, dict[str, Any]]:
     """A body that fails ServiceTitan's schema: (message, the outbox row's ``last_error``)."""
+    if patch.reason == "merged":
+        message = "not sent: " + " ".join(patch.problems["merged_to_id"])
+        return message, {"message": message, "merged_to_id": patch.problems}
     message = "request body fails ServiceTitan's schema: " + patch.problem_line()
     return message, {"message": message, "validation": patch.problems}
 

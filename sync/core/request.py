@@ -26,6 +26,9 @@ class Patch:
     body: dict[str, Any]
     problems: dict[str, list[str]] = field(default_factory=dict)
     """{mirror column: [messages]}: non-empty means the body must not be sent."""
+    reason: str = "schema"
+    """Why it must not be sent: ``schema`` (the body fails ServiceTitan's schema) or ``merged`` (the record was
+    merged into another in ServiceTitan)."""
 
     @property
     def valid(self) -> bool:

@@ -529,3 +529,20 @@ def test_a_dry_run_predicts_what_a_real_cycle_sends(engine: Engine, database_url
     assert patches(sb) == []
     cycle(engine, cfg, sb)  # the real cycle sends exactly what was predicted
     assert [(p.body["name"]) for p in patches(sb)] == ["Local Alone"]
+
+
+def test_a_local_edit_of_a_customer_servicetitan_merged_away_is_not_sent_and_ends_dead_with_a_reason(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    """Decided (issue 16, 11; docs/push.md "Merged records"): not sent to the merged-away record (nobody uses it)
+    nor redirected to the survivor (it could overwrite the survivor's values); dead, naming the survivor."""
+    cfg = make_cfg(database_url)
+    loser, survivor = sorted(sb.customers(), key=lambda c: c["id"])[:2]
+    sb.edit_customer(loser["id"], mergedToId=survivor["id"], active=False)
+    cycle(engine, cfg, sb)  # the pull brings the merge
+    mid = linked[loser["id"]]
+    sql(engine, "UPDATE customers SET name = 'Edited After The Merge' WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False)
+    assert patches(sb) == []
+    assert rows(engine, "SELECT state FROM outbox") == [("dead",)]
+    status, error = rows(engine, "SELECT sync_status, sync_error FROM customers WHERE id = :m", m=mid)[0]
+    assert status == "error" and f"merged into customer {survivor['id']}" in error["message"]
