@@ -83,7 +83,8 @@ class Scenario:
 
     def _pick(self, table: str, offset: int) -> tuple[int, int] | None:
         with self.engine.connect() as conn:
-            row = conn.execute(text(f"SELECT id, st_id FROM {table} WHERE st_id IS NOT NULL ORDER BY id "
+            row = conn.execute(text(f"SELECT id, st_id FROM {table} WHERE st_id IS NOT NULL AND merged_to_id IS NULL "
+                                    "ORDER BY id "
                                     "OFFSET :o LIMIT 1"), {"o": offset}).first()
         return (int(row[0]), int(row[1])) if row else None
 
