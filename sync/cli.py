@@ -13,7 +13,7 @@ import click
 
 from sync import __version__
 from sync.config import Config, load_config
-from sync.errors import StsyncError
+from sync.errors import ConfigError, StsyncError
 from sync.log import configure_logging, mask, register_secret
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -156,16 +156,28 @@ def status(obj: Ctx, as_json: bool) -> None:
 @click.option("--rate-limit", default=60.0, show_default=True, type=float,
               help="Requests per second per tenant before 429 (0 disables).")
 @click.option("--latency-ms", default="0,0", show_default=True, help="Uniform random latency range LO,HI.")
+@click.option("--admin-token", envvar="STSYNC_SANDBOX_ADMIN_TOKEN", metavar="TOKEN",
+              help="Require this token (header X-Sandbox-Admin-Token) on the /_sandbox/* admin routes; needed to "
+                   "listen on anything but loopback.")
 @friendly_errors
 def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_locations: int,
-            rate_limit: float, latency_ms: str) -> None:
+            rate_limit: float, latency_ms: str, admin_token: str | None) -> None:
     """Serve the built-in ServiceTitan sandbox (a CRM v2 simulator) on HOST:PORT."""
+    import ipaddress
+
     from sync.sandbox import Sandbox
     from sync.sandbox.server import serve
 
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not admin_token:
+        raise ConfigError(f"the sandbox's admin routes (seed, faults, requests) take no credentials: refusing to "
+                          f"listen on {host} without --admin-token (or $STSYNC_SANDBOX_ADMIN_TOKEN)")
     lo, _, hi = latency_ms.partition(",")
     sb = Sandbox(tenant_id=tenant_id, rate_limit_per_second=rate_limit or None,
-                 latency_ms=(float(lo), float(hi or lo)))
+                 latency_ms=(float(lo), float(hi or lo)), admin_token=admin_token or None)
     if seed_customers or seed_locations:
         sb.seed(customers=seed_customers, locations=seed_locations)
     echo(f"sandbox: tenant {tenant_id} on http://{host}:{port} "

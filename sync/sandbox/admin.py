@@ -4,6 +4,7 @@ log and counters, the fault plan, settings and token expiry. No auth, not rate l
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,6 +32,10 @@ def admin_routes(sandbox: Sandbox) -> list[StarletteRoute]:
 
     def guarded(fn: Callable[[Request], Awaitable[Response]]) -> Endpoint:
         async def endpoint(request: Request) -> Response:
+            want = sandbox.admin_token
+            if want is not None and not hmac.compare_digest(
+                    request.headers.get("x-sandbox-admin-token", "").encode(), want.encode()):
+                return json_response(problem(401, "The sandbox's admin routes need X-Sandbox-Admin-Token."), 401)
             try:
                 return await fn(request)
             except ApiError as exc:

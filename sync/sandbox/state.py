@@ -59,6 +59,7 @@ class Sandbox(RecordStore):
         request_log_limit: int = 100_000,
         faults: Faults | None = None,
         clock: Callable[[], float] = time.time,
+        admin_token: str | None = None,
     ) -> None:
         super().__init__(clock=clock, bump_modified_on_noop=bump_modified_on_noop)
         self.tenant_id = tenant_id
@@ -71,6 +72,8 @@ class Sandbox(RecordStore):
         self.export_page_size = export_page_size
         self.export_delay_seconds = export_delay_seconds
         self.faults = faults if faults is not None else Faults()
+        self.admin_token = admin_token
+        """Set: every ``/_sandbox/*`` admin call must carry it in ``X-Sandbox-Admin-Token`` (401 otherwise)."""
         self._tokens: dict[str, tuple[int, float]] = {}
         self._windows: dict[str, deque[float]] = {}
         self._latency_rng = random.Random()

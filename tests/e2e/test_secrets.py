@@ -416,3 +416,29 @@ def test_migrate_without_ddl_rights_is_a_one_line_error(pg_server: embedded.Serv
         embedded.drop_database(pg_server.url, name)
         with psycopg.connect(plain_dsn(pg_server.url), autocommit=True) as conn:
             conn.execute(f"DROP ROLE IF EXISTS {role}")  # type: ignore[arg-type]
+
+
+def test_the_sandbox_refuses_to_serve_its_admin_routes_beyond_loopback_without_a_token() -> None:
+    out = subprocess.run([sys.executable, "-m", "sync", "sandbox", "--host", "0.0.0.0", "--port", "1"],
+                         capture_output=True, text=True, timeout=60,
+                         env={k: v for k, v in os.environ.items() if k != "STSYNC_SANDBOX_ADMIN_TOKEN"})
+    assert out.returncode == 2 and "--admin-token" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_the_sandbox_admin_routes_need_the_token_when_one_is_set() -> None:
+    import asyncio
+
+    import httpx
+
+    from sync.sandbox import create_app
+
+    sb = Sandbox(tenant_id=1, admin_token="adm-" + uuid.uuid4().hex)
+
+    async def call(headers: dict[str, str]) -> int:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(sb)),
+                                     base_url="http://sb") as http:
+            return (await http.get("/_sandbox/requests", headers=headers)).status_code
+
+    assert asyncio.run(call({})) == 401
+    assert asyncio.run(call({"X-Sandbox-Admin-Token": "wrong"})) == 401
+    assert asyncio.run(call({"X-Sandbox-Admin-Token": sb.admin_token or ""})) == 200
