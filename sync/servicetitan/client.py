@@ -146,7 +146,11 @@ class ServiceTitanClient:
             "client_secret": self.cfg.client_secret.get_secret_value(),
         }
         try:
-            resp = await self._http.post(self.cfg.token_url, data=form)
+            async with asyncio.timeout(self.cfg.timeout_seconds):  # the whole answer, as for every API call
+                resp = await self._http.post(self.cfg.token_url, data=form)
+        except TimeoutError:
+            raise ServiceTitanError(f"token endpoint {self.cfg.token_url} gave no whole answer within "
+                                    f"{self.cfg.timeout_seconds:g} s") from None
         except httpx.HTTPError as exc:
             raise ServiceTitanError(f"token endpoint {self.cfg.token_url} unreachable: {type(exc).__name__}") from None
         if resp.status_code in (400, 401, 403):
@@ -163,6 +167,7 @@ class ServiceTitanClient:
             token = str(data["access_token"])
             register_secret(token)  # masked wherever it might be echoed back (an error body, a traceback)
             ttl = float(data.get("expires_in", 900))
+            ttl = min(max(ttl, 1.0), 86_400.0) if math.isfinite(ttl) else 900.0  # nonsense: a sane lifetime
         except (ValueError, KeyError, TypeError):
             raise ServiceTitanError(f"token endpoint answered {resp.status_code} without an access_token",
                                     status=resp.status_code) from None

@@ -171,6 +171,18 @@ def test_a_trickled_answer_ends_at_the_timeout_for_the_whole_answer() -> None:
     assert time.monotonic() - started < 2.5
 
 
+def test_a_trickled_token_answer_ends_at_the_timeout_too() -> None:
+    cfg = st_config(timeout_seconds=1)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"content-type": "application/json"}, stream=_Trickle())
+
+    started = time.monotonic()
+    resp = run(lambda: mock_client(handler, cfg).get("customers", 1))
+    assert resp.status == 0 and resp.not_sent and "no whole answer within 1 s" in (resp.error or "")
+    assert time.monotonic() - started < 2.5
+
+
 # ------------------------------------------------------------------------------------------------- tokens
 
 
