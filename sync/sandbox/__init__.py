@@ -5,9 +5,10 @@ reads as package data (``sync/spec/crm-v2.openapi.json``).
 
 - :class:`Sandbox` (``state.py``): one in-memory tenant and its Python API: seeding, remote edits, the fault
   plan (:class:`Faults`), counters and the request log. Built from ``store.py`` (records, PATCH semantics),
-  ``feeds.py`` (list and export paging), ``validation.py`` (request bodies checked with openapi-core against
-  the OpenAPI file), ``faults.py``, ``errors.py`` (ServiceTitan's error answers) and ``model.py``
-  (entities, routes, the request log's records).
+  ``creates.py`` (``POST /customers`` / ``POST /locations`` and remote creations), ``feeds.py`` (list and
+  export paging), ``validation.py`` (request bodies checked with openapi-core against the OpenAPI file),
+  ``faults.py``, ``errors.py`` (ServiceTitan's error answers) and ``model.py`` (entities, routes, the request
+  log's records).
 - :func:`create_app` (``app.py``): the Starlette ASGI app, in-process via ``httpx.ASGITransport`` or served;
   its module docstring lists the API and the ``/_sandbox/...`` admin endpoints (``admin.py``). In front of
   it, ``gateway.py``: auth, rate limit, faults, latency, counters and the request log.

@@ -1,5 +1,6 @@
 """The ``/_sandbox/...`` admin endpoints (listed in ``app.py``'s docstring): seeding, remote edits, the request
-log and counters, the fault plan, settings and token expiry. No auth, not rate limited, never counted or logged.
+log and counters, the fault plan, settings and token expiry. Not rate limited, never counted or logged; no auth
+unless the sandbox has an ``admin_token``, which every call must then carry in ``X-Sandbox-Admin-Token``.
 """
 
 from __future__ import annotations

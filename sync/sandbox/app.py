@@ -6,6 +6,13 @@ API (paths as on ServiceTitan; the API and the token endpoint share one host):
   client authentication also accepted) -> ``{access_token, expires_in, token_type: "Bearer", scope}``;
   400 ``{"error": "invalid_client" | "unsupported_grant_type" | "invalid_request"}``.
 - ``GET|PATCH /crm/v2/tenant/{tenant}/customers/{id}``, ``.../locations/{id}``
+- ``POST /crm/v2/tenant/{tenant}/customers`` (``CreateCustomerRequest``: name, address and ``locations[]``
+  required, each location with name and address; contacts, tags, custom fields, externalData...): creates the
+  customer, its locations and contacts -> 200 ``CreatedCustomerResponse`` (with ``locations`` and ``contacts``)
+- ``POST /crm/v2/tenant/{tenant}/locations`` (``CreateLocationRequest``: name, address, customerId required)
+  -> 200 ``CreateLocationResponse``; 409 for an unknown customer. Both creates: 400 naming every field the
+  schema or ServiceTitan refuses, nothing stored; ``externalData`` answered for the request's guid only
+  (``creates.py``)
 - ``GET /crm/v2/tenant/{tenant}/customers``, ``.../locations`` (page, pageSize, includeTotal, ids,
   modifiedOnOrAfter, modifiedBefore, createdOnOrAfter, createdBefore, active, sort, customerId (locations),
   externalDataApplicationGuid / externalDataKey / externalDataValues)
@@ -14,11 +21,14 @@ API (paths as on ServiceTitan; the API and the token endpoint share one host):
 Every ``/crm/v2/...`` call needs ``ST-App-Key`` and ``Authorization: Bearer <token>``; a token only works for
 the sandbox's own tenant (any other tenant in the path: 401). Errors are RFC 7807 ``ApiErrorResponse`` JSON.
 
-Admin endpoints (no auth, not rate limited, not counted or logged) for tests and demos:
+Admin endpoints for tests and demos (not rate limited, not counted or logged). No auth by default; with an
+``admin_token`` set on the :class:`Sandbox` (``stsync sandbox --admin-token``) every ``/_sandbox/*`` call must
+carry it in the header ``X-Sandbox-Admin-Token`` (401 ApiErrorResponse otherwise):
 
 - ``GET  /_sandbox/health`` -> ``{"status": "ok", "tenantId": ..}``
 - ``POST /_sandbox/seed`` ``{"customers": n, "locations": m, "seed": s}``: replace all records with fake ones
-- ``POST /_sandbox/customers`` ``{..API fields..}``; ``POST /_sandbox/locations`` ``{"customerId": .., ..}``: create
+- ``POST /_sandbox/customers`` ``{..API fields..}``; ``POST /_sandbox/locations`` ``{"customerId": .., ..}``: a
+  record created inside ServiceTitan (fake values for what is not given; ``externalData`` in the PATCH form) -> 201
 - ``GET  /_sandbox/customers/{id}`` / ``/_sandbox/locations/{id}`` (``?applicationGuid=``): full record
 - ``PATCH /_sandbox/customers/{id}`` / ``/_sandbox/locations/{id}``: a remote edit made in ServiceTitan
   (partial ``address`` allowed; also ``balance``, ``mergedToId``, ``zoneId``...); modifiedOn advances
@@ -43,6 +53,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.applications import Starlette
@@ -92,28 +103,41 @@ def _token_endpoint(sandbox: Sandbox) -> Endpoint:
     return token
 
 
+async def _json_body(request: Request) -> Any:
+    """The JSON body of a PATCH or POST: 415 without a JSON content type, 400 when empty or not JSON."""
+    content_type = request.headers.get("content-type", "").lower()
+    if "json" not in content_type:
+        raise ApiError(415, "Unsupported Media Type")
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError(400, VALIDATION_TITLE, {"": ["A non-empty request body is required."]})
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise ApiError(400, VALIDATION_TITLE, {"$": [f"The JSON value could not be converted: {exc}"]}) from None
+
+
 def _record_endpoint(sandbox: Sandbox, entity: Entity) -> Endpoint:
     async def record(request: Request) -> Response:
         rid: int = request.path_params["id"]
         try:
             if request.method in ("GET", "HEAD"):
                 return json_response(sandbox.api_get(entity, rid))
-            content_type = request.headers.get("content-type", "").lower()
-            if "json" not in content_type:
-                raise ApiError(415, "Unsupported Media Type")
-            raw = await request.body()
-            if not raw.strip():
-                raise ApiError(400, VALIDATION_TITLE, {"": ["A non-empty request body is required."]})
-            try:
-                body = json.loads(raw)
-            except ValueError as exc:
-                raise ApiError(400, VALIDATION_TITLE, {"$": [f"The JSON value could not be converted: {exc}"]}) \
-                    from None
-            return json_response(sandbox.api_patch(entity, rid, body))
+            return json_response(sandbox.api_patch(entity, rid, await _json_body(request)))
         except ApiError as exc:
             return error_response(exc)
 
     return record
+
+
+def _create_endpoint(sandbox: Sandbox, entity: Entity) -> Endpoint:
+    async def create(request: Request) -> Response:
+        try:
+            return json_response(sandbox.api_create(entity, await _json_body(request)))
+        except ApiError as exc:
+            return error_response(exc)
+
+    return create
 
 
 def _list_endpoint(sandbox: Sandbox, entity: Entity) -> Endpoint:
@@ -166,6 +190,7 @@ def create_app(sandbox: Sandbox) -> Starlette:
         routes += [
             StarletteRoute(f"{base}/{coll}/{{id:int}}", _record_endpoint(sandbox, entity), methods=["GET", "PATCH"]),
             StarletteRoute(f"{base}/{coll}", _list_endpoint(sandbox, entity), methods=["GET"]),
+            StarletteRoute(f"{base}/{coll}", _create_endpoint(sandbox, entity), methods=["POST"]),
             StarletteRoute(f"{base}/export/{coll}", _export_endpoint(sandbox, entity), methods=["GET"]),
         ]
     routes += admin_routes(sandbox)  # unknown paths and methods: 404 / 405 as ApiErrorResponse (_http_exception)

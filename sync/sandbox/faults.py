@@ -16,6 +16,8 @@ from sync.sandbox.model import Entity, Route
 FaultKind = Literal["rate_limit", "server_error", "drop", "slow", "late_answer"]
 RetryAfterStyle = Literal["seconds", "http-date", "body", "none"]
 RETRY_AFTER_STYLES: tuple[RetryAfterStyle, ...] = ("seconds", "http-date", "body", "none")
+WRITE_METHODS = frozenset({"PATCH", "POST"})
+"""API methods that change records: PATCH (update) and POST (``/customers``, ``/locations``: create)."""
 
 
 @dataclass(frozen=True)
@@ -28,11 +30,13 @@ class Fault:
     - ``server_error``: ``status`` 5xx; ``html`` gives a load balancer's HTML page instead of JSON.
     - ``drop``: the connection is closed without an answer.
     - ``slow``: ``delay_ms`` added before the request is handled normally.
-    - ``late_answer``: the request is handled at once (a PATCH is applied) and its normal answer, the record as it
-      was then, is held back ``delay_ms`` before it is sent: an answer that may arrive after later edits and pulls.
+    - ``late_answer``: the request is handled at once (a PATCH or create is applied) and its normal answer, the
+      record as it was then, is held back ``delay_ms`` before it is sent: an answer that may arrive after later
+      edits and pulls.
 
-    ``after_apply`` (server_error, drop): the request is processed (a PATCH is applied) and only then does the
-    answer fail, the case a client cannot tell from a failure before the write.
+    ``after_apply`` (server_error, drop): the request is processed (a PATCH is applied, a POST creates its
+    record) and only then does the answer fail, the case a client cannot tell from a failure before the write
+    (for a create: the one a re-send must look up by external data first, or it makes a duplicate).
     ``echo_headers`` (server_error, any ``status``, 400 included): the JSON error body carries the request's
     headers, as a misconfigured gateway or a debugging error page does (credentials included): what a client
     must never copy into its logs, output or database.
@@ -194,9 +198,10 @@ class Faults:
         self.retry_after_seconds = retry_after_seconds
         self.retry_after_styles = tuple(retry_after_styles)
         self.after_apply_probability = after_apply_probability
-        """Share of random 5xx/drops on PATCH that happen after the change was applied."""
+        """Share of random 5xx/drops on writes (PATCH, create POST) that happen after the change was applied."""
         self.late_answer_probability = late_answer_probability
-        """Share of PATCHes applied at once and answered ``late_answer_ms`` later (drawn after the others)."""
+        """Share of writes (PATCH, create POST) applied at once and answered ``late_answer_ms`` later (drawn after
+        the others)."""
         self.late_answer_ms = late_answer_ms
         self.endpoints: frozenset[str] | None = None if endpoints is None else frozenset(endpoints)
         self.record_ids: frozenset[int] | None = None if record_ids is None else frozenset(record_ids)
@@ -355,7 +360,8 @@ class Faults:
     def _random(self, route: Route) -> Fault | None:
         p429, p5xx = self.rate_limit_probability, self.server_error_probability
         pdrop, pslow = self.drop_probability, self.slow_probability
-        plate = self.late_answer_probability if route.method == "PATCH" else 0.0
+        write = route.kind == "api" and route.method in WRITE_METHODS
+        plate = self.late_answer_probability if write else 0.0
         if route.kind != "api" or not (p429 or p5xx or pdrop or pslow or plate):
             return None
         if self.endpoints is not None and route.endpoint not in self.endpoints:
@@ -367,7 +373,7 @@ class Faults:
         if r < p429:
             style = self.retry_after_styles[int(rng.random() * len(self.retry_after_styles))]
             return Fault.rate_limited(self.retry_after_seconds, style)
-        after_apply = route.method == "PATCH" and rng.random() < self.after_apply_probability
+        after_apply = write and rng.random() < self.after_apply_probability
         if r < p429 + p5xx:
             status = self.server_error_statuses[int(rng.random() * len(self.server_error_statuses))]
             return Fault.server_error(status, html=status == 502 and self.html_502, after_apply=after_apply)

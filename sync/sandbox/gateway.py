@@ -3,7 +3,9 @@
 Order of checks for an API call: app key and token (401), enforced rate limit (429), fault plan, latency, then
 the endpoint; token calls skip the first two, and random faults hit API calls only. Every request but the
 admin ones is counted and logged (:class:`~sync.sandbox.model.RequestRecord`) with its status, its fault and
-whether a PATCH was applied.
+whether a write (a PATCH, or a create: ``POST /customers``, ``POST /locations``) was applied. Faults apply to the
+create routes like to any other: with ``after_apply`` the record is created, then the answer is a 5xx or a
+dropped connection.
 
 A dropped connection closes the socket without a byte of answer under uvicorn; in-process
 (``httpx.ASGITransport``) it raises :class:`ConnectionDropped`, an ``httpx.RemoteProtocolError``, so a client
@@ -25,7 +27,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sync.sandbox.errors import problem
-from sync.sandbox.faults import Fault, retry_after_header_seconds
+from sync.sandbox.faults import WRITE_METHODS, Fault, retry_after_header_seconds
 from sync.sandbox.model import ENTITY_OF_COLLECTION, RequestRecord, Route
 from sync.sandbox.responses import JSON_TYPE, dumps
 from sync.sandbox.state import Sandbox
@@ -198,11 +200,17 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+def _applied(route: Route, status: int) -> bool:
+    """Whether the endpoint's answer says a write was applied: a PATCH or a create (``POST /customers``,
+    ``POST /locations``) answered 2xx."""
+    return route.kind == "api" and route.method in WRITE_METHODS and 200 <= status < 300
+
+
 def _capturing(send: Send, route: Route, outcome: _Outcome) -> Send:
     async def capture(message: Message) -> None:
         if message["type"] == "http.response.start":
             outcome.status = message["status"]
-            outcome.applied = route.method == "PATCH" and 200 <= message["status"] < 300
+            outcome.applied = _applied(route, message["status"])
         await send(message)
 
     return capture
@@ -213,7 +221,7 @@ def _swallowing(route: Route, outcome: _Outcome) -> Send:
 
     async def swallow(message: Message) -> None:
         if message["type"] == "http.response.start":
-            outcome.applied = route.method == "PATCH" and 200 <= message["status"] < 300
+            outcome.applied = _applied(route, message["status"])
 
     return swallow
 

@@ -39,7 +39,7 @@ class RequestRecord:
     path: str
     query: str
     body: Any
-    """Parsed JSON body (PATCH), the token form without the secret, or None."""
+    """Parsed JSON body (PATCH, POST), the token form without the secret, or None."""
     status: int
     """HTTP status answered; 0 when the connection was dropped without an answer."""
     time: float
@@ -51,7 +51,7 @@ class RequestRecord:
     fault: str | None
     """``rate_limit``/``server_error``/``drop``/``slow`` (injected), ``limiter`` (enforced limit), or None."""
     applied: bool
-    """A write was applied (even if its answer was then replaced by a fault)."""
+    """A write (PATCH, or a create POST) was applied (even if its answer was then replaced by a fault)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,5 +1,6 @@
-"""The sandbox's tenant (:class:`Sandbox`): records (``store.py``), read feeds (``feeds.py``), tokens, the
-enforced rate limit, the fault plan (``faults.py``), counters, the request log and settings, behind one lock.
+"""The sandbox's tenant (:class:`Sandbox`): records (``store.py``; creating them, ``creates.py``), read feeds
+(``feeds.py``), tokens, the enforced rate limit, the fault plan (``faults.py``), counters, the request log and
+settings, behind one lock.
 
 Everything here is synchronous and thread-safe: the ASGI app (``sync.sandbox.app``) calls it from uvicorn's
 event loop thread while tests call the Python API from theirs. Nothing here awaits while holding the lock.
@@ -16,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sync.sandbox import feeds
+from sync.sandbox.creates import RecordCreator
 from sync.sandbox.errors import (
     TITLE_BAD_APP_KEY,
     TITLE_BAD_BEARER,
@@ -27,12 +29,12 @@ from sync.sandbox.errors import (
 )
 from sync.sandbox.faults import Faults
 from sync.sandbox.model import Entity, RequestRecord
-from sync.sandbox.store import RecordStore, now_us
+from sync.sandbox.store import now_us
 
 OAUTH_SCOPE = "tn.crm.customers:r tn.crm.customers:w tn.crm.locations:r tn.crm.locations:w"
 
 
-class Sandbox(RecordStore):
+class Sandbox(RecordCreator):
     """One simulated ServiceTitan tenant (CRM v2 customers and locations) and its Python API.
 
     ``rate_limit_per_second``: enforced limit per tenant over a sliding 1-second window of admitted API calls

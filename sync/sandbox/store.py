@@ -1,5 +1,6 @@
 """Record storage of the sandbox's tenant: one :class:`Table` per entity and :class:`RecordStore`, the part of
-:class:`~sync.sandbox.state.Sandbox` that seeds, creates, reads, edits and PATCHes records.
+:class:`~sync.sandbox.state.Sandbox` that seeds, reads, edits and PATCHes records (creating them is
+``creates.py``'s :class:`~sync.sandbox.creates.RecordCreator`, built on this).
 
 A ``Table`` holds records in ServiceTitan's response shape keyed by id, plus an ordering index
 ``[(modified µs, id), ...]`` kept sorted for the export feeds (``feeds.py``). Stored record dicts are never
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import bisect
 import gc
-import random
 import re
 import threading
 import uuid
@@ -202,46 +202,6 @@ class RecordStore:
                 if table.order:
                     self._last_us = max(self._last_us, table.order[-1][0])
 
-    def add_customer(self, **fields: Any) -> dict[str, Any]:
-        """Create a customer as ServiceTitan would (fake name and address unless given; no tags, no custom
-        fields, active). ``fields`` use API names; ``externalData`` takes the PATCH form."""
-        return self._create("customer", None, fields)
-
-    def add_location(self, customer_id: int, **fields: Any) -> dict[str, Any]:
-        """Create a location of ``customer_id`` (409 ApiError if unknown); name defaults to the customer's."""
-        return self._create("location", customer_id, fields)
-
-    def _create(self, entity: Entity, customer_id: int | None, fields: Mapping[str, Any]) -> dict[str, Any]:
-        with self._lock:
-            table = self._tables[entity]
-            rid = table.next_id
-            rng = random.Random(rid)
-            ts = self._tick()
-            if entity == "customer":
-                commercial = fields.get("type") == "Commercial"
-                base = fake.customer_record(rng, rid, ts, ts, commercial=commercial)
-                base.update(active=True, customFields=[], tagTypeIds=[], balance=0.0, taxExempt=False,
-                            doNotMail=False, doNotService=False, nationalAccount=False)
-                base["address"] = fake.fake_address(rng, coordinates_probability=1.0)
-            else:
-                customers = self._tables["customer"].records
-                if customer_id not in customers:
-                    raise ApiError(409, "Customer not found.", {"customerId": [f"Customer {customer_id} not found."]})
-                owner = customers[customer_id]
-                base = fake.location_record(rng, rid, owner, ts, ts)
-                base.update(active=True, customFields=[], tagTypeIds=[], taxExempt=False, name=owner["name"],
-                            taxZoneId=None)
-                base["address"] = fake.fake_address(rng, coordinates_probability=1.0)
-            body = dict(fields)
-            if isinstance(body.get("address"), Mapping):
-                body["address"] = {**base["address"], **body["address"]}
-            new, ext = self._prepare(entity, base, body, remote=True)
-            table.next_id = rid + 1
-            table.insert(new, ts)
-            if ext is not None:
-                table.ext[rid] = ext[1]
-            return clone(new)
-
     # ------------------------------------------------------------------------------------------ reading
 
     def get_customer(self, customer_id: int, application_guid: str | None = None) -> dict[str, Any]:
@@ -338,6 +298,20 @@ class RecordStore:
                 return record
             return {**record, "externalData": ext_list(table, rid, ext[0])}
 
+    def reference_errors(self, entity: Entity, body: Mapping[str, Any], prefix: str = "") -> dict[str, list[str]]:
+        """Unknown tag types and custom field types a (schema-valid) body names, keyed ``prefix + field path``."""
+        errors: dict[str, list[str]] = {}
+        tags = body.get("tagTypeIds")
+        if tags is not None:
+            unknown = sorted({t for t in tags if t not in self.tag_type_ids})
+            if unknown:
+                errors[f"{prefix}tagTypeIds"] = [f"Tag type {t} does not exist." for t in unknown]
+        types = self.custom_field_types[entity]
+        for i, cf in enumerate(body.get("customFields") or []):
+            if cf["typeId"] not in types:
+                errors[f"{prefix}customFields[{i}].typeId"] = [f"Custom field type {cf['typeId']} does not exist."]
+        return errors
+
     def _prepare(
         self, entity: Entity, old: Mapping[str, Any], body: dict[str, Any], *, remote: bool
     ) -> tuple[dict[str, Any], tuple[str, dict[str, dict[str, str]]] | None]:
@@ -345,18 +319,10 @@ class RecordStore:
         Checks references. With ``remote``, also the loose validation of remote edits and creations."""
         if remote:
             self._check_remote_body(entity, body)
-        errors: dict[str, list[str]] = {}
-        tags = body.get("tagTypeIds")
-        if tags is not None:
-            unknown = sorted({t for t in tags if t not in self.tag_type_ids})
-            if unknown:
-                errors["tagTypeIds"] = [f"Tag type {t} does not exist." for t in unknown]
-        types = self.custom_field_types[entity]
-        for i, cf in enumerate(body.get("customFields") or []):
-            if cf["typeId"] not in types:
-                errors[f"customFields[{i}].typeId"] = [f"Custom field type {cf['typeId']} does not exist."]
+        errors = self.reference_errors(entity, body)
         if errors:
             raise ApiError(400, VALIDATION_TITLE, errors)
+        types = self.custom_field_types[entity]
         if entity == "location":
             customer_id = body.get("customerId")
             if "customerId" in body and customer_id not in self._tables["customer"].records:
