@@ -9,7 +9,7 @@ that fails is never sent, and the problem is reported on the mirror column(s) to
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,8 +54,34 @@ def api_to_column(entity: Entity, path: str) -> str:
 def build_patch(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, Any], diff: Diff, *,
                 mirror_id: int, application_guid: str, mirror_id_key: str = "mirrorId") -> Patch:
     """The PATCH body for ``diff`` (from ``sync.core.diff.local_diff``), validated. ``diff`` must not be empty."""
-    body: dict[str, Any] = {}
     problems: dict[str, list[str]] = {}
+    body = request_body(entity, mirror, shadow, diff, problems, mirror_id=mirror_id,
+                        application_guid=application_guid, mirror_id_key=mirror_id_key)
+    return Patch(body, with_schema_problems(entity, openapi.UPDATE_SCHEMAS[entity], body, problems))
+
+
+def with_schema_problems(entity: Entity, schema: str, body: Any,
+                         problems: dict[str, list[str]]) -> dict[str, list[str]]:
+    """``problems`` plus what the spec's ``schema`` finds in ``body``, on the mirror columns to fix (a column
+    already explained in our own words keeps only those)."""
+    for path, messages in openapi.validate(schema, body).items():
+        col = api_to_column(entity, path)
+        if col in problems:
+            continue
+        problems.setdefault(col, []).extend(messages)
+    return problems
+
+
+def request_body(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, Any], columns: Iterable[str],
+                 problems: dict[str, list[str]], *, mirror_id: int, application_guid: str,
+                 mirror_id_key: str = "mirrorId") -> dict[str, Any]:
+    """The API form of ``columns`` of the mirror row (the address whole if any part is among them, lists whole,
+    ``externalData`` in Merge mode against ``shadow``), not yet validated; what cannot be sent goes to
+    ``problems`` ({mirror column: [messages]}). PATCH bodies (``build_patch``) and create bodies
+    (``sync.core.create``) are both made here."""
+    cols = list(dict.fromkeys(columns))  # in the caller's order: a stable body
+    diff = set(cols)
+    body: dict[str, Any] = {}
     by_col = BY_COLUMN[entity]
     addr_cols = address_columns(entity)
 
@@ -73,7 +99,7 @@ def build_patch(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, 
             address[by_col[c].api] = v
         body["address"] = address
 
-    for col in diff:
+    for col in cols:
         f = by_col[col]
         if f.address:
             continue
@@ -121,10 +147,4 @@ def build_patch(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, 
                     entries.append({"key": str(k), "value": v})
             entries.extend({"key": str(k), "value": None} for k in sorted(base) if k not in local)
     body["externalData"] = {"patchMode": "Merge", "applicationGuid": application_guid, "externalData": entries}
-
-    for path, messages in openapi.validate(openapi.UPDATE_SCHEMAS[entity], body).items():
-        col = api_to_column(entity, path)
-        if col in problems:
-            continue  # already explained in our own words
-        problems.setdefault(col, []).extend(messages)
-    return Patch(body, problems)
+    return body

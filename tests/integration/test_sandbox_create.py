@@ -323,3 +323,24 @@ def test_a_dropped_create_on_a_socket_is_a_connection_error_and_was_applied(sb: 
             "externalDataApplicationGuid": GUID, "externalDataKey": KEY, "externalDataValues": "socket"}).json()
         assert len(found["data"]) == 1
     assert counts(sb) == (before[0] + 1, before[1] + 2)
+
+
+def test_stsyncs_own_create_bodies_are_accepted_by_the_sandbox(sb: Sandbox, api: Api) -> None:
+    """The bodies sync.core.create builds from mirror rows (issue 17) create exactly what they say."""
+    from sync.core.create import build_customer_create, build_location_create
+    from tests.unit.test_merge import customer, location
+
+    made = build_customer_create(customer(name="From The Mirror", tag_type_ids=[TAG], custom_fields={}), 7,
+                                 [(11, location(name="Mirror Home"))], application_guid=GUID)
+    assert made.valid, made.problems
+    resp = post(api, "customers", made.body)
+    assert resp.status_code == 200, resp.text
+    created = resp.json()
+    assert created["name"] == "From The Mirror" and [loc["name"] for loc in created["locations"]] == ["Mirror Home"]
+    assert {"key": "mirrorId", "value": "7"} in [
+        {"key": e["key"], "value": e["value"]} for e in created["externalData"]]
+    loc = build_location_create(location(name="Second Site", customer_st_id=created["id"]), 12,
+                                application_guid=GUID)
+    assert loc.valid, loc.problems
+    resp = post(api, "locations", loc.body)
+    assert resp.status_code == 200 and resp.json()["customerId"] == created["id"], resp.text
