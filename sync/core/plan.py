@@ -75,8 +75,8 @@ def rejection(patch: Patch) -> tuple[str, dict[str, Any]]:
 
 
 LOCAL_ONLY_ERROR = sync_error(
-    "not in ServiceTitan (no st_id, or never pulled): creating records through the API is not "
-    "supported; create it in ServiceTitan and the next pull links it")
+    "not in ServiceTitan (no st_id, or never pulled): stsync does not create records yet, so this row stays "
+    "local and nothing is sent; a record created in ServiceTitan arrives with the next pull as a row of its own")
 
 
 def dead_answer(entity: Entity, status: int, attempt: int, error_body: Any, error: str | None, outbox_id: int) -> str:
