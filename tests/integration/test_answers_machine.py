@@ -5,7 +5,8 @@ database and the in-process sandbox. Its one rule, ``step``, takes a weighted op
 hypothesis's swarm testing would switch whole kinds of operations off per example, and the quick run has few):
 
 - ``Local``: a committed SQL UPDATE of a customer's ``name``, ``do_not_mail`` or ``city`` (the address), the value
-  drawn from a pool of three (two for the flag) that starts with the seeded value, so reverts are frequent;
+  drawn from a pool of three (two for the flag) that starts with the seeded value, so reverts are frequent (an
+  UPDATE to the value the row already holds changes nothing the database can see, so it is not a write);
 - ``Remote``: the same fields edited inside ServiceTitan (``Sandbox.edit_customer``);
 - ``Sync``: the pull job alone, detect alone, detect + dispatch, or a whole cycle (pull, detect, dispatch);
 - ``FaultyPush``: detect + dispatch where the first PATCH meets a fault: applied and then a timeout, a dropped
@@ -504,7 +505,13 @@ class AnswersMachine(RuleBasedStateMachine):
 
     def local_edit(self, op: Local) -> None:
         i, column, value = op.customer, op.column, op.value
+        (before,) = rows(self.engine, f"SELECT {column} FROM customers WHERE id = :m", m=self.mids[i])[0]
         sql(self.engine, f"UPDATE customers SET {column} = :v WHERE id = :m", v=value, m=self.mids[i])
+        if before == value:
+            # a save that changes nothing: the database sees no write (the trigger logs none), so it cannot
+            # outrank a remote write made before it that has not been pulled yet
+            self.note(f"local customer {i} {column} = {value!r} (no change: not a write)")
+            return
         self.note(f"local customer {i} {column} = {value!r}")
         m = self.model[i, column]
         aba: frozenset[Any] = frozenset()
