@@ -58,6 +58,12 @@ def latest_change_at(conn: Connection, entity: str, mirror_id: int) -> datetime 
     return at
 
 
+def has_local_write(conn: Connection, entity: str, mirror_id: int) -> bool:
+    """An undrained local write of this record (not one of stsync's own recheck markers)."""
+    return conn.execute(text("SELECT EXISTS (SELECT 1 FROM change_log WHERE entity = :e AND mirror_id = :m "
+                             "AND op <> 'R')"), {"e": entity, "m": mirror_id}).scalar_one() is True
+
+
 def ids_undrained(conn: Connection, entity: str) -> set[int]:
     """Records with an undrained insert or update (the dry run's preview)."""
     return {m for (m,) in conn.execute(

@@ -268,11 +268,17 @@ class Dispatcher:
             remote[CUSTOMER_LINK] = (old_shadow or {}).get(CUSTOMER_LINK)
         policy = self.cfg.sync.conflict_policy
         modified = remote.get("modified_on")
+        # edited locally since the claim (a local write not drained yet, or a row queued behind this one that carries
+        # one; stsync's own recheck markers do not count):
+        # a mirror value equal to what we sent may be a newer write of the same value, so a stale answer must not
+        # take a later remote revert over it (the revert rule needs the claim's base only when it is unedited)
+        edited = changelog.has_local_write(conn, c.entity, c.mirror_id) or any(
+            r[1] == "pending" and r[4] is not None for r in outbox.unsent_for(conn, c.entity, [c.mirror_id]))
         result = merge.merge(c.entity, old_shadow, current.record, remote, policy,
                              remote_modified_on=parse_timestamp(modified) if modified else None,
                              local_changed_at=self._local_changed_at(conn, c) if policy == "newest_wins" else None,
                              sync_active=self.cfg.sync.sync_active, answer_to=self._answered(c),
-                             claimed_base=c.base)
+                             claimed_base=None if edited else c.base)
         if result.stale:
             # older than a version a pull has already applied (which saw this request applied, since the
             # answer's version came first): the answer must not undo that pull

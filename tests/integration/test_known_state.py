@@ -215,6 +215,43 @@ def test_a_late_answer_does_not_undo_a_remote_revert_of_our_value(engine: Engine
     assert len(patches(sb)) == 1  # the reverted value was not sent again
 
 
+def test_a_late_answer_keeps_a_local_rewrite_of_our_value_made_after_a_remote_revert(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    """Found by a randomized state machine run: ours applied; the user edited the name away and back to our value;
+    ServiceTitan's user set the old name back; the late answer must not take that revert over the user's later
+    write (the mirror equals what we sent, but it is a newer write of it)."""
+    cfg = make_cfg(database_url, check=False)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    import asyncio
+
+    from sync.daemon.service import Daemon
+
+    sql(engine, "UPDATE customers SET name = 'Birch' WHERE id = :m", m=mid)
+
+    async def go() -> None:
+        d = Daemon(cfg, engine=engine, transport=httpx.ASGITransport(app=create_app(sb)))
+        try:
+            await d.detect_job()
+            (claim,) = await asyncio.to_thread(d.dispatcher.claim, 1)
+            resp = await d.client.patch("customers", claim.st_id, claim.body)  # applied; the answer is late
+            sql(engine, "UPDATE customers SET name = 'Acme' WHERE id = :m", m=mid)
+            time.sleep(0.01)
+            sb.edit_customer(cust["id"], name=cust["name"])  # the remote revert of our Birch
+            time.sleep(0.01)
+            sql(engine, "UPDATE customers SET name = 'Birch' WHERE id = :m", m=mid)  # the user's last write
+            await d.pull_job()
+            await asyncio.to_thread(d.dispatcher.complete, claim, resp, time.time())
+            sql(engine, "UPDATE outbox SET next_attempt_at = now() WHERE state = 'pending'")
+            await d.cycle()
+        finally:
+            await d.close()
+
+    asyncio.run(go())
+    assert rows(engine, "SELECT name, sync_status FROM customers WHERE id = :m", m=mid) == [("Birch", "synced")]
+    assert sb.get_customer(cust["id"])["name"] == "Birch"
+
+
 def test_a_claim_reads_the_mirror_row_and_its_shadow_as_one_pair(engine: Engine, database_url: str,
                                                                  sb: Sandbox, linked: dict[int, int]) -> None:
     """A pull commits the mirror row and its shadow together, under the row's lock; a claim that reads the row
