@@ -87,6 +87,11 @@ def discard(conn: Connection, outbox_id: int) -> list[str]:
     mirror.update_mirror(conn, entity, mirror_id, restored, customer_mirror_id=customer_mid)
     outbox.discard(conn, outbox_id)
     columns = sorted(db_column(c) for c in restored)
+    if outbox.newer_exists(conn, outbox_id, entity, mirror_id):
+        # an old row (e.g. dead) behind a later change of the record: the record's status is that later change's
+        log.info("outbox.discarded", outbox_id=outbox_id, entity=entity, mirror_id=mirror_id, restored=columns,
+                 status_kept=True)
+        return columns
     mirror.mark_discarded(conn, entity, mirror_id, json.dumps({
         "message": f"outbox row {outbox_id} discarded by an operator; its fields went back to the last-synced "
                    f"values: {', '.join(columns) or 'none (edited again since)'}",

@@ -323,6 +323,12 @@ def lock_row(conn: Connection, outbox_id: int) -> tuple[str, int, str] | None:
     return None if row is None else (row[0], row[1], row[2])
 
 
+def newer_exists(conn: Connection, outbox_id: int, entity: str, mirror_id: int) -> bool:
+    """A later row of the same record exists (a later change, sent or queued)."""
+    return conn.execute(text("SELECT EXISTS (SELECT 1 FROM outbox WHERE entity = :e AND mirror_id = :m AND id > :id)"),
+                        {"e": entity, "m": mirror_id, "id": outbox_id}).scalar_one() is True
+
+
 def has_pending(conn: Connection, entity: str, mirror_id: int) -> bool:
     return conn.execute(text("SELECT id FROM outbox WHERE entity = :e AND mirror_id = :m AND state = 'pending'"),
                         {"e": entity, "m": mirror_id}).first() is not None

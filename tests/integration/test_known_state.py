@@ -365,6 +365,27 @@ def test_a_discarded_change_does_not_ride_along_with_the_next_edit(engine: Engin
     assert sb.get_customer(cust["id"])["address"]["city"] == cust["address"]["city"]
 
 
+def test_discarding_an_old_dead_row_behind_a_later_success_leaves_the_record_synced(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    """Found by a randomized state machine run: the record's status is its latest change's, not an old row's."""
+    cfg = make_cfg(database_url, max_attempts=1)
+    cust = first_customer(sb)
+    mid = linked[cust["id"]]
+    tamper = Tamper(create_app(sb))
+    tamper.add("PATCH", r"/customers/\d+$", lambda request, inner: _answer(raw(503, b'{"title": "down"}')))
+    sql(engine, "UPDATE customers SET name = 'First Try' WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False, transport=tamper)
+    ((dead_id, state),) = rows(engine, "SELECT id, state FROM outbox")
+    assert state == "dead"
+    sql(engine, "UPDATE customers SET do_not_mail = NOT do_not_mail WHERE id = :m", m=mid)
+    cycle(engine, cfg, sb, pull=False)  # the later change (carrying the name too) succeeds
+    assert rows(engine, "SELECT state FROM outbox ORDER BY id") == [("dead",), ("succeeded",)]
+    with engine.begin() as conn:
+        outbox_admin.discard(conn, dead_id)
+    assert rows(engine, "SELECT sync_status, sync_error FROM customers WHERE id = :m", m=mid) == [("synced", None)]
+    assert rows(engine, "SELECT state FROM outbox ORDER BY id") == [("discarded",), ("succeeded",)]
+
+
 def _dispatcher(engine: Engine, cfg: Config, sb: Sandbox, worker: str) -> Any:
     from sync.servicetitan.client import ServiceTitanClient
     from sync.stages.dispatch import Dispatcher
