@@ -116,7 +116,7 @@ class Dispatcher:
         self.refresh = refresh
         """None: no check before sending (``sync.check_before_send: false``)."""
         self._last_check = -1e9
-        self._refreshed: dict[int, str] = {}
+        self._refreshed: dict[int, Any] = {}
         """outbox id -> the remote version a check already merged for it (never held back twice for one)"""
         self.log = log.bind(worker=worker)
 
@@ -272,11 +272,13 @@ class Dispatcher:
         # one; stsync's own recheck markers do not count):
         # a mirror value equal to what we sent may be a newer write of the same value, so a stale answer must not
         # take a later remote revert over it (the revert rule needs the claim's base only when it is unedited)
+        unsent = outbox.unsent_for(conn, c.entity, [c.mirror_id])
         edited = changelog.has_local_write(conn, c.entity, c.mirror_id) or any(
-            r[1] == "pending" and r[4] is not None for r in outbox.unsent_for(conn, c.entity, [c.mirror_id]))
+            r[1] == "pending" and r[4] is not None for r in unsent)
         result = merge.merge(c.entity, old_shadow, current.record, remote, policy,
                              remote_modified_on=parse_timestamp(modified) if modified else None,
-                             local_changed_at=self._local_changed_at(conn, c) if policy == "newest_wins" else None,
+                             local_changed_at=self._local_changed_at(conn, c, unsent) if policy == "newest_wins"
+                             else None,
                              sync_active=self.cfg.sync.sync_active, answer_to=self._answered(c),
                              claimed_base=None if edited else c.base)
         if result.stale:
@@ -311,11 +313,12 @@ class Dispatcher:
             cols |= set(address_columns(c.entity))
         return {col: c.sent.get(col) for col in cols}
 
-    def _local_changed_at(self, conn: Connection, c: Claim) -> datetime | None:
+    def _local_changed_at(self, conn: Connection, c: Claim,
+                          unsent: list[tuple[int, str, Any, Any, Any]]) -> datetime | None:
         """When the local edit that may conflict with the answer was committed: still in the change log, or on the
-        row queued behind this one, or this row's own; unknown is None (ServiceTitan wins), never "now"."""
-        times = [changelog.latest_change_at(conn, c.entity, c.mirror_id),
-                 *(r[4] for r in outbox.unsent_for(conn, c.entity, [c.mirror_id]))]
+        row queued behind this one, or this row's own (``unsent``: the record's ``outbox.unsent_for`` rows);
+        unknown is None (ServiceTitan wins), never "now"."""
+        times = [changelog.latest_change_at(conn, c.entity, c.mirror_id), *(r[4] for r in unsent)]
         return max((t for t in times if t is not None), default=None)
 
     # ---------------------------------------------------------------------------------------- async
@@ -490,8 +493,9 @@ class Dispatcher:
             return []
         known = {c.st_id: c.base.get("modified_on") for c in chunk}
         changed = changed_since(data, known)
+        by_st = {c.st_id: c for c in chunk}
         fresh = {st: rec for st, rec in changed.items()
-                 if self._refreshed.get(self._by_st(chunk, st)) != rec.get("modifiedOn")}
+                 if self._refreshed.get(by_st[st].outbox_id) != rec.get("modifiedOn")}
         if not fresh:
             return []
         try:
@@ -503,17 +507,13 @@ class Dispatcher:
             return []
         if len(self._refreshed) > 10_000:
             self._refreshed.clear()
-        back = [c for c in chunk if c.st_id in fresh]
+        back = [by_st[st] for st in fresh]
         for c in back:
-            self._refreshed[c.outbox_id] = str(fresh[c.st_id].get("modifiedOn"))
+            self._refreshed[c.outbox_id] = fresh[c.st_id].get("modifiedOn")
         self.stats.changed_remotely += len(back)
         self.log.info("outbox.changed_before_send", entity=entity, records=len(back),
                       st_ids=sorted(c.st_id for c in back)[:20])
         return back
-
-    @staticmethod
-    def _by_st(chunk: list[Claim], st_id: int) -> int:
-        return next(c.outbox_id for c in chunk if c.st_id == st_id)
 
     def _release_unsent(self, claims: list[Claim]) -> None:
         """Claimed rows not sent (held back by the check, or left at shutdown): pending again, due now, no
