@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from sync import __version__
-from sync.config import Config, load_config
+from sync.config import Config, is_loopback_host, load_config
 from sync.errors import ConfigError, StsyncError
 from sync.log import configure_logging, mask, register_secret
 
@@ -163,16 +163,10 @@ def status(obj: Ctx, as_json: bool) -> None:
 def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_locations: int,
             rate_limit: float, latency_ms: str, admin_token: str | None) -> None:
     """Serve the built-in ServiceTitan sandbox (a CRM v2 simulator) on HOST:PORT."""
-    import ipaddress
-
     from sync.sandbox import Sandbox
     from sync.sandbox.server import serve
 
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback and not admin_token:
+    if not is_loopback_host(host) and not admin_token:
         raise ConfigError(f"the sandbox's admin routes (seed, faults, requests) take no credentials: refusing to "
                           f"listen on {host} without --admin-token (or $STSYNC_SANDBOX_ADMIN_TOKEN)")
     lo, _, hi = latency_ms.partition(",")

@@ -19,6 +19,15 @@ from sync.core.plan import PatchSettings
 from sync.errors import ConfigError
 
 ENV_CONFIG = "STSYNC_CONFIG"
+
+
+def is_loopback_host(host: str) -> bool:
+    """A loopback IP address, or the name ``localhost`` exactly (``127.0.0.1.attacker.example`` is a name)."""
+    host = host.lower()
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 ENV_DATABASE_URL = "DATABASE_URL"
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -99,12 +108,7 @@ class ServiceTitanConfig(_Section):
         parts = urlsplit(v)
         if parts.scheme == "https":
             return v
-        host = (parts.hostname or "").lower()
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:  # a name: only "localhost" itself (127.0.0.1.attacker.example is a name, not an IP)
-            loopback = False
-        if parts.scheme == "http" and loopback:
+        if parts.scheme == "http" and is_loopback_host(parts.hostname or ""):
             return v
         raise ValueError("must be an https:// URL (plain http:// is allowed only for 127.0.0.1/localhost)")
 
