@@ -226,11 +226,7 @@ async def apply_fetched(engine: Engine, client: ServiceTitanClient, cfg: Config,
         stats = FeedStats(records=len(data))
         with connect(engine) as conn, conn.begin():
             bypass_triggers(conn)
-            quarantined: list[dict[str, Any]] = []
-            recs = _parse_records(entity, data, stats, lg, quarantined)
-            customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, lg) if entity == "location" else None
-            _apply_guarded(conn, cfg, entity, recs, stats, lg, customer_ids, quarantined)
-            _settle_quarantine(conn, entity, recs, quarantined, stats)
+            _apply_data(conn, cfg, entity, data, fetched, stats, lg)
         return stats
 
     return await asyncio.to_thread(apply)
@@ -398,16 +394,7 @@ def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any,
     out: dict[int, dict[str, Any]] = {}
 
     def put_aside(raw: Any, st_id: Any, reason: str, **fields: Any) -> None:
-        reason = _storable_text(reason)
-        stats.skipped += 1
-        stats.quarantined += 1
-        storable = isinstance(st_id, int) and not isinstance(st_id, bool) and -BIGINT_MAX - 1 <= st_id <= BIGINT_MAX
-        text = json.dumps(raw, default=str)[:QUARANTINE_RAW_MAX]  # ASCII: surrogates and NUL are escaped
-        key = str(st_id) if isinstance(st_id, int) and not isinstance(st_id, bool) else \
-            "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
-        quarantined.append({"key": key, "st_id": st_id if storable else None, "raw": text, "reason": reason})
-        log.warning("pull.record_quarantined", entity=entity, st_id=st_id if storable else None,
-                    reason=reason[:300], **fields)
+        quarantined.append(_put_aside(entity, raw, st_id, reason, stats, log, **fields))
 
     for i, raw in enumerate(data):
         st_id = raw.get("id") if isinstance(raw, dict) else None
@@ -437,6 +424,21 @@ def _parse_records(entity: Entity, data: list[Any], stats: FeedStats, log: Any,
     return out
 
 
+def _put_aside(entity: Entity, raw: Any, st_id: Any, reason: str, stats: FeedStats, log: Any,
+               **fields: Any) -> dict[str, Any]:
+    """A quarantine row for a record that cannot be used (``sync.db.quarantine.put``), counted and logged."""
+    reason = _storable_text(reason)[:1000]
+    stats.skipped += 1
+    stats.quarantined += 1
+    is_id = isinstance(st_id, int) and not isinstance(st_id, bool)
+    storable = is_id and -BIGINT_MAX - 1 <= st_id <= BIGINT_MAX
+    text = json.dumps(raw, default=str)[:QUARANTINE_RAW_MAX]  # ASCII: surrogates and NUL are escaped
+    key = str(st_id) if is_id else "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+    log.warning("pull.record_quarantined", entity=entity, st_id=st_id if storable else None, reason=reason[:300],
+                **fields)
+    return {"key": key, "st_id": st_id if storable else None, "raw": text, "reason": reason}
+
+
 def _storable_text(value: str) -> str:
     """Text PostgreSQL can store: NUL and lone surrogates (from the record, quoted in a reason) escaped."""
     return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
@@ -463,13 +465,8 @@ def _apply_guarded(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
                 _apply_records(conn, cfg, entity, {st_id: rec}, one, log, customer_ids)
             stats.add(one)
         except (DataError, IntegrityError) as exc:
-            reason = _storable_text("the database refused it: "
-                                    + (str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__))
-            stats.skipped += 1
-            stats.quarantined += 1
-            quarantined.append({"key": str(st_id), "st_id": st_id, "raw": json.dumps(rec, default=str)[
-                :QUARANTINE_RAW_MAX], "reason": reason[:1000]})
-            log.warning("pull.record_quarantined", entity=entity, st_id=st_id, reason=reason[:300])
+            reason = "the database refused it: " + (str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
+            quarantined.append(_put_aside(entity, rec, st_id, reason, stats, log))
 
 
 def _settle_quarantine(conn: Connection, entity: Entity, recs: dict[int, dict[str, Any]],
@@ -487,15 +484,20 @@ def _apply_page(engine: Engine, cfg: Config, entity: Entity, page: Page, expecte
     with _transaction(engine, within) as conn:
         bypass_triggers(conn)
         _lock_cursor(conn, feed, expected)
-        quarantined: list[dict[str, Any]] = []
-        recs = _parse_records(entity, page.data, stats, log, quarantined)
-        customer_ids: dict[int, int] | None = None
-        if entity == "location":
-            customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, log)
-        _apply_guarded(conn, cfg, entity, recs, stats, log, customer_ids, quarantined)
-        _settle_quarantine(conn, entity, recs, quarantined, stats)
+        _apply_data(conn, cfg, entity, page.data, fetched, stats, log)
         _store_cursor(conn, feed, page)
     return stats
+
+
+def _apply_data(conn: Connection, cfg: Config, entity: Entity, data: list[Any],
+                fetched: dict[int, dict[str, Any] | None], stats: FeedStats, log: Any) -> None:
+    """Parse, merge and write API records (a feed page, or records fetched by id) in ``conn``'s transaction;
+    what cannot be used is quarantined."""
+    quarantined: list[dict[str, Any]] = []
+    recs = _parse_records(entity, data, stats, log, quarantined)
+    customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, log) if entity == "location" else None
+    _apply_guarded(conn, cfg, entity, recs, stats, log, customer_ids, quarantined)
+    _settle_quarantine(conn, entity, recs, quarantined, stats)
 
 
 def _resolve_customers(conn: Connection, cfg: Config, recs: dict[int, dict[str, Any]],
