@@ -139,6 +139,11 @@ def _eq(entity: Entity, unit: Unit, a: Mapping[str, Any], b: Mapping[str, Any]) 
     return all(equal(by[c].kind, a.get(c), b.get(c)) for c in unit.columns)
 
 
+def _differs(entity: Entity, all_units: Sequence[Unit], local: Mapping[str, Any], base: Mapping[str, Any]) -> bool:
+    """The mirror still differs from the shadow on a unit stsync pushes: local values must (still) be sent."""
+    return any(not _eq(entity, u, local, base) for u in all_units if u.mode != "remote")
+
+
 def resolve(policy: Policy, remote_modified_on: datetime | None, local_changed_at: datetime | None) -> Winner:
     """Who wins a conflict. ``newest_wins``: the local change wins only if strictly newer (ties -> remote)."""
     if policy == "remote_wins":
@@ -166,10 +171,10 @@ def _reverted_after_apply(entity: Entity, all_units: Sequence[Unit], shadow: Map
     """A stale answer: the shadow is a later version. A unit we sent whose later version holds the claim's base
     value again was reverted in ServiceTitan after our PATCH applied; the mirror takes it (if not edited since)."""
     out: dict[str, Any] = {}
+    ours = _sent(claimed_base, sent)
     for unit in all_units:
         if unit.mode != "merge" or not any(unit_for_column(entity, c) == unit.name for c in sent):
             continue
-        ours = _sent(claimed_base, sent)
         if (_eq(entity, unit, shadow, claimed_base) and not _eq(entity, unit, shadow, ours)
                 and _eq(entity, unit, local, ours)):
             by = BY_COLUMN[entity]
@@ -223,14 +228,12 @@ def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, An
             _reverted_after_apply(entity, all_units, base, local, answer_to, claimed_base)
         kept = {**local, **reverted}
         return MergeResult(mirror_updates=reverted, new_shadow=dict(base or {}), stale=True,
-                           push_needed=base is not None and any(
-                               not _eq(entity, u, kept, base) for u in all_units if u.mode != "remote"))
+                           push_needed=base is not None and _differs(entity, all_units, kept, base))
     if base is not None and is_echo(entity, base, remote, sync_active=sync_active) and (
             not answer or _eq(entity, _EXTERNAL[entity], remote, base)):
         # an echo (our own PATCH, a repeat from includeRecentChanges): nothing to write at all
         return MergeResult(mirror_updates={}, new_shadow=dict(base),
-                           push_needed=any(not _eq(entity, u, local, base) for u in all_units
-                                           if u.mode != "remote"))
+                           push_needed=_differs(entity, all_units, local, base))
 
     # every body of ours ServiceTitan may have applied (or is applying): a remote value equal to one is ours
     versions = [dict(v) for v in (*unconfirmed, in_flight or {}, answer_to or {}) if v]
@@ -282,6 +285,6 @@ def merge(entity: Entity, base: Mapping[str, Any] | None, local: Mapping[str, An
             conflicts.append(Conflict(unit.name, _get(base, unit), _get(local, unit), _get(remote, unit), outcome))
             take_remote(unit, shadow=True, mirror=outcome == "remote")
 
-    push_needed = any(not _eq(entity, u, final, new_shadow) for u in all_units if u.mode != "remote")
+    push_needed = _differs(entity, all_units, final, new_shadow)
     return MergeResult(mirror_updates=updates, new_shadow=new_shadow, conflicts=conflicts,
                        push_needed=push_needed, shadow_changed=shadow_changed)
