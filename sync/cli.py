@@ -219,7 +219,8 @@ def outbox() -> None:
 
 
 @outbox.command("list")
-@click.option("--state", type=click.Choice(["pending", "in_flight", "succeeded", "dead", "superseded", "discarded"]))
+@click.option("--state", type=click.Choice(["pending", "in_flight", "succeeded", "dead", "superseded", "discarded",
+                                            "held"]))
 @click.option("--entity", type=click.Choice(["customer", "location"]))
 @click.option("--limit", default=50, show_default=True, type=int)
 @click.option("--json", "as_json", is_flag=True)
@@ -263,14 +264,35 @@ def outbox_retry(obj: Ctx, outbox_id: int | None, all_dead: bool) -> None:
     echo(f"{n} row(s) queued again")
 
 
-@outbox.command("discard")
-@click.argument("outbox_id", type=int)
+@outbox.command("release")
+@click.option("--held", is_flag=True, required=True, help="Send every held row (a mass delete the guard stopped).")
 @click.pass_obj
 @friendly_errors
-def outbox_discard(obj: Ctx, outbox_id: int) -> None:
-    """Close a pending or dead row without sending it."""
+def outbox_release(obj: Ctx, held: bool) -> None:
+    """Send the rows the mass-delete guard holds."""
     from sync.commands import outbox as outbox_admin
 
+    with _engine(obj).begin() as conn:
+        n = outbox_admin.release_held(conn)
+    echo(f"{n} held row(s) released: they are sent next")
+
+
+@outbox.command("discard")
+@click.argument("outbox_id", type=int, required=False)
+@click.option("--held", is_flag=True, help="Drop every held row and put the deleted rows back in the mirror.")
+@click.pass_obj
+@friendly_errors
+def outbox_discard(obj: Ctx, outbox_id: int | None, held: bool) -> None:
+    """Close a pending or dead row without sending it (or, with --held, every held row)."""
+    from sync.commands import outbox as outbox_admin
+
+    if (outbox_id is None) == (not held):
+        raise click.UsageError("give one outbox ID or --held")
+    if outbox_id is None:
+        with _engine(obj).begin() as conn:
+            n = outbox_admin.discard_held(conn)
+        echo(f"{n} held row(s) discarded; the deleted rows are back in the mirror")
+        return
     with _engine(obj).begin() as conn:
         restored = outbox_admin.discard(conn, outbox_id)
     echo(f"outbox row {outbox_id} discarded"

@@ -138,6 +138,12 @@ class SyncConfig(_Section):
     since their shadow before sending (docs/push.md, "The check before sending")."""
     check_min_interval_seconds: float = Field(default=0.6, ge=0, le=60)
     """At most one such check per this many seconds: 0.6 keeps checks under 3% of a 60 requests/s budget."""
+    local_deletes: Literal["keep", "propagate"] = "keep"
+    """A row deleted from the mirror: ``keep`` (a tombstone, nothing sent) or ``propagate`` (the customer or
+    location is deactivated in ServiceTitan with ``PATCH active=false``; docs/push.md, "Local deletes")."""
+    max_deletes_per_cycle: int = Field(default=50, ge=0)
+    """The mass-delete guard: more deletes than this found in one detect cycle are all held for an operator
+    (``stsync outbox release --held`` / ``stsync outbox discard --held``), none sent."""
     pull_max_seconds_per_run: float = Field(default=900.0, ge=1)
     """One feed's pull stops after this long (the next run continues from the stored cursor)."""
     initial_from: str | None = None

@@ -68,6 +68,19 @@ def run_cycle(engine: Engine, cfg: Config, sb: Sandbox) -> dict[str, Any]:
     return asyncio.run(go())
 
 
+def pull_cycle(engine: Engine, cfg: Config, sb: Sandbox) -> dict[str, Any]:
+    """One pull through the daemon's own job (the feeds from the stored cursor)."""
+
+    async def go() -> dict[str, Any]:
+        d = Daemon(cfg, engine=engine, transport=transport(sb))
+        try:
+            return await d.pull_job()
+        finally:
+            await d.close()
+
+    return asyncio.run(go())
+
+
 def drain(engine: Engine, cfg: Config, sb: Sandbox, *, rounds: int = 30) -> None:
     """Cycle until no outbox row is pending or in flight (retries made due at once)."""
     for _ in range(rounds):
@@ -86,4 +99,5 @@ async def dispatch_with(engine: Engine, cfg: Config, sb: Sandbox, worker: str) -
         return await Dispatcher(engine, client, cfg, worker).run()
 
 
-__all__ = ["detect_all", "dispatch_with", "drain", "link_mirror", "mirror_id", "rows", "run_cycle", "sql"]
+__all__ = ["detect_all", "dispatch_with", "drain", "link_mirror", "mirror_id", "pull_cycle", "rows", "run_cycle",
+           "sql"]

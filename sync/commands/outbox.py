@@ -9,7 +9,7 @@ from sqlalchemy import Connection
 
 from sync.core.diff import sent_values
 from sync.core.fields import BY_COLUMN, CUSTOMER_LINK, Entity, db_column, equal
-from sync.db import attempts, mirror, outbox, shadow
+from sync.db import attempts, mirror, outbox, shadow, tombstones
 from sync.db import conflicts as conflicts_table
 from sync.db.engine import bypass_triggers, notify
 from sync.errors import StsyncError
@@ -68,6 +68,9 @@ def discard(conn: Connection, outbox_id: int) -> list[str]:
     if row is None:
         raise StsyncError(f"no outbox row {outbox_id}: see `stsync outbox list`")
     name, mirror_id, state = row
+    if state == "held":
+        raise StsyncError(f"outbox row {outbox_id} is held (a mass delete): `stsync outbox discard --held` drops "
+                          "the held rows and puts the deleted rows back")
     if state not in ("pending", "dead"):
         raise StsyncError(f"outbox row {outbox_id} is {state}: only pending or dead rows can be discarded")
     entity: Entity = "customer" if name == "customer" else "location"
@@ -98,6 +101,31 @@ def discard(conn: Connection, outbox_id: int) -> list[str]:
         "columns": columns, "outbox_id": outbox_id}))
     log.info("outbox.discarded", outbox_id=outbox_id, entity=entity, mirror_id=mirror_id, restored=columns)
     return columns
+
+
+def release_held(conn: Connection) -> int:
+    """Send every held row (the mass-delete guard's): pending, due now."""
+    ids = [oid for oid, _, _ in outbox.held_ids_locked(conn)]
+    n = outbox.release_held(conn, ids)
+    log.info("outbox.held_released", count=n)
+    notify(conn, "release")
+    return n
+
+
+def discard_held(conn: Connection) -> int:
+    """Drop every held row: nothing is sent, and each deleted row comes back into the mirror as it was when
+    deleted (its tombstone removed), so the mirror and ServiceTitan agree again. Returns the rows closed."""
+    held = outbox.held_ids_locked(conn)
+    bypass_triggers(conn)  # putting a row back is not a local insert
+    # customers first: a location's row refers to its customer's
+    for oid, name, mirror_id in sorted(held, key=lambda h: (h[1] != "customer", h[0])):
+        entity: Entity = "customer" if name == "customer" else "location"
+        old = tombstones.take_back(conn, entity, mirror_id)
+        if old is None or not mirror.restore(conn, entity, old):
+            log.warning("outbox.held_row_not_restored", outbox_id=oid, entity=entity, mirror_id=mirror_id)
+        outbox.discard(conn, oid)
+    log.info("outbox.held_discarded", count=len(held))
+    return len(held)
 
 
 def conflicts(conn: Connection, *, limit: int, entity: str | None = None) -> list[dict[str, Any]]:

@@ -31,7 +31,11 @@ def collect(conn: Connection) -> dict[str, Any]:
         "oldest_pending_seconds": round(oldest, 3) if oldest is not None else None,
         "dead": counts["dead"],
         "change_log_backlog": changelog.backlog(conn),
-        "local_only": {e: mirror.count_local_only(conn, e) for e in ENTITIES},
+        "local_only": {e: mirror.count_by_status(conn, e, "local_only") for e in ENTITIES},
+        "to_create": {e: mirror.count_to_create(conn, e) for e in ENTITIES},
+        "waiting_for_location": mirror.count_by_status(conn, "customer", "waiting_for_location"),
+        "held": counts["held"],
+        "truncations": tombstones.truncations_unrestored(conn),
         "rows_with_sync_error": {e: mirror.count_with_error(conn, e) for e in ENTITIES},
         "read_only_edits": {e: mirror.count_read_only_flagged(conn, e) for e in ENTITIES},
         "tombstones": tombstones.count(conn),
@@ -51,12 +55,19 @@ def render(status: dict[str, Any]) -> str:
         else "oldest pending: -",
         f"dead rows:      {status['dead']}",
         f"change log:     {status['change_log_backlog']} unprocessed",
+        "to create:      " + "  ".join(f"{k}={v}" for k, v in status["to_create"].items())
+        + f"   (rows without st_id; {status['waiting_for_location']} customer(s) waiting for a location)",
         "local only:     " + "  ".join(f"{k}={v}" for k, v in status["local_only"].items())
-        + "   (rows without st_id: not created in ServiceTitan)",
+        + "   (st_id set by hand, never pulled: nothing sent)",
+        f"held deletes:   {status['held']}" + ("   (mass delete: `stsync outbox release --held` sends them, "
+                                                 "`stsync outbox discard --held` puts the rows back)"
+                                                 if status["held"] else ""),
         "sync errors:    " + "  ".join(f"{k}={v}" for k, v in status["rows_with_sync_error"].items()),
         "read-only edits: " + "  ".join(f"{k}={v}" for k, v in status["read_only_edits"].items())
         + "   (never sent; the next pull puts ServiceTitan's values back)",
-        f"tombstones:     {status['tombstones']}   (local deletes, not propagated)",
+        f"tombstones:     {status['tombstones']}   (local deletes; the pull never brings them back)",
+        *([f"truncated:      {', '.join(f'{k}={v}' for k, v in status['truncations'].items())}   (TRUNCATE of a "
+           "mirror table: never propagated; the next pull restores the rows)"] if status["truncations"] else []),
         "quarantined:    " + "  ".join(f"{k}={v}" for k, v in status["quarantined"].items())
         + "   (feed records that could not be stored: table quarantine)",
         f"conflicts:      {status['conflicts']}",

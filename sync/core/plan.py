@@ -60,6 +60,17 @@ def plan_record(settings: PatchSettings, entity: Entity, mirror_id: int, record:
     return diff, patch
 
 
+def deactivation(settings: PatchSettings, entity: Entity, mirror_id: int) -> Patch:
+    """A propagated local delete of a customer or location: ``PATCH active=false`` (ServiceTitan has no delete
+    for them), with our ``externalData`` as every PATCH carries it; validated like any body."""
+    body = {"active": False, "externalData": {"patchMode": "Merge", "applicationGuid": settings.application_guid,
+                                              "externalData": [{"key": settings.mirror_id_key,
+                                                                "value": str(mirror_id)}]}}
+    problems = {api_to_column(entity, path): msgs
+                for path, msgs in openapi.validate(openapi.UPDATE_SCHEMAS[entity], body).items()}
+    return Patch(body, problems)
+
+
 def sync_error(problem: str, **extra: Any) -> str:
     """A mirror row's ``sync_error`` (JSON text): the problem in words, and what to look at."""
     return json.dumps({"message": problem, **extra})
@@ -75,8 +86,15 @@ def rejection(patch: Patch) -> tuple[str, dict[str, Any]]:
 
 
 LOCAL_ONLY_ERROR = sync_error(
-    "not in ServiceTitan (no st_id, or never pulled): stsync does not create records yet, so this row stays "
-    "local and nothing is sent; a record created in ServiceTitan arrives with the next pull as a row of its own")
+    "st_id is set but this record was never pulled from ServiceTitan: nothing is sent until the pull brings it "
+    "(a row inserted without st_id is created in ServiceTitan instead; leave st_id empty for that)")
+
+WAITING_FOR_LOCATION = sync_error(
+    "waiting for a location: ServiceTitan creates a customer only together with one; insert a locations row "
+    "with customer_id = this row's id and both are created in one request")
+
+NO_CUSTOMER = {"customer_id": ["a location is created for a customer: set customer_id to the mirror id of its "
+                               "customers row"]}
 
 
 def dead_answer(entity: Entity, status: int, attempt: int, error_body: Any, error: str | None, outbox_id: int) -> str:

@@ -74,11 +74,12 @@ def with_schema_problems(entity: Entity, schema: str, body: Any,
 
 def request_body(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str, Any], columns: Iterable[str],
                  problems: dict[str, list[str]], *, mirror_id: int, application_guid: str,
-                 mirror_id_key: str = "mirrorId") -> dict[str, Any]:
+                 mirror_id_key: str = "mirrorId", creating: bool = False) -> dict[str, Any]:
     """The API form of ``columns`` of the mirror row (the address whole if any part is among them, lists whole,
     ``externalData`` in Merge mode against ``shadow``), not yet validated; what cannot be sent goes to
     ``problems`` ({mirror column: [messages]}). PATCH bodies (``build_patch``) and create bodies
-    (``sync.core.create``) are both made here."""
+    (``sync.core.create``, ``creating``: a create's address takes no null coordinates, and needs none) are both
+    made here."""
     cols = list(dict.fromkeys(columns))  # in the caller's order: a stable body
     diff = set(cols)
     body: dict[str, Any] = {}
@@ -91,6 +92,8 @@ def request_body(entity: Entity, mirror: Mapping[str, Any], shadow: Mapping[str,
             v = mirror.get(c)
             if c == "unit" and v is None:
                 v = ""
+            if c in ("latitude", "longitude") and v is None and creating:
+                continue
             if c in ("latitude", "longitude") and v is None and entity == "customer":
                 problems.setdefault(c, []).append(
                     "ServiceTitan requires latitude and longitude with a customer address change; "

@@ -25,7 +25,7 @@ _SQL_TYPES: dict[Kind, str] = {
     "id_list": "bigint[]", "custom_fields": "jsonb", "external_data": "jsonb",
 }
 
-SyncStatus = Literal["synced", "pending", "error", "local_only", "discarded"]
+SyncStatus = Literal["synced", "pending", "error", "local_only", "discarded", "waiting_for_location"]
 """Every value of ``sync_status`` (docs/schema.md has the state table)."""
 
 
@@ -100,7 +100,55 @@ def mirror_ids_by_st_id(conn: Connection, entity: Entity, st_ids: Iterable[int])
     return {s: m for s, m in rows}
 
 
-def count_local_only(conn: Connection, entity: Entity) -> int:
+def new_locations_of(conn: Connection, customer_ids: Iterable[int]) -> dict[int, list[tuple[int, dict[str, Any]]]]:
+    """Customer mirror id -> its location rows without ``st_id`` ((mirror id, record) each, in id order): what a
+    ``POST /customers`` of that customer carries."""
+    ids = list(customer_ids)
+    if not ids:
+        return {}
+    rows = conn.execute(text(_select_sql("location").replace("SELECT m.id,", "SELECT m.id, m.customer_id AS cid,", 1)
+                             + " WHERE m.customer_id = ANY(:ids) AND m.st_id IS NULL ORDER BY m.id")
+                        .bindparams(_IDS), {"ids": ids}).mappings()
+    out: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+    for r in rows:
+        out.setdefault(r["cid"], []).append((r["id"], _row_to_record("location", r)))
+    return out
+
+
+def new_customers_of(conn: Connection, location_ids: Iterable[int]) -> set[int]:
+    """The customers (mirror ids) without ``st_id`` of these location rows without ``st_id``: each such location
+    goes out inside its customer's ``POST /customers``."""
+    ids = list(location_ids)
+    if not ids:
+        return set()
+    return {c for (c,) in conn.execute(
+        text("""SELECT DISTINCT c.id FROM locations l JOIN customers c ON c.id = l.customer_id
+                WHERE l.id = ANY(:ids) AND l.st_id IS NULL AND c.st_id IS NULL""").bindparams(_IDS), {"ids": ids})}
+
+
+def has_unlinked(conn: Connection, entity: Entity) -> bool:
+    """Some row of ``entity`` has no ``st_id`` (inserted locally: it may be created in ServiceTitan)."""
+    return bool(conn.execute(text(f"SELECT EXISTS (SELECT 1 FROM {NAMES[entity].table} WHERE st_id IS NULL)"))
+                .scalar_one())
+
+
+def link(conn: Connection, entity: Entity, mirror_id: int, st_id: int) -> bool:
+    """A row created in ServiceTitan gets its ``st_id`` (only where it has none); False if it already had one."""
+    return conn.execute(text(f"UPDATE {NAMES[entity].table} SET st_id = :s WHERE id = :m AND st_id IS NULL "
+                             "RETURNING 1"), {"m": mirror_id, "s": st_id}).first() is not None
+
+
+def restore(conn: Connection, entity: Entity, old_row: Mapping[str, Any]) -> bool:
+    """Put a deleted row back as it was (``old_row``: the row as the delete trigger saw it, same id); False if a
+    row with that id or ``st_id`` exists again. The caller bypasses the change-log triggers."""
+    table = NAMES[entity].table
+    return conn.execute(text(f"""INSERT INTO {table}
+                                 SELECT * FROM jsonb_populate_record(NULL::{table}, CAST(:r AS jsonb))
+                                 ON CONFLICT DO NOTHING RETURNING 1"""), {"r": json.dumps(old_row)}).first() is not None
+
+
+def count_to_create(conn: Connection, entity: Entity) -> int:
+    """Rows without ``st_id`` (inserted locally: created in ServiceTitan, or waiting, or dead with a reason)."""
     return int(conn.execute(text(f"SELECT count(*) FROM {NAMES[entity].table} WHERE st_id IS NULL")).scalar_one())
 
 
@@ -248,6 +296,20 @@ def mark_local_only(conn: Connection, entity: Entity, mirror_ids: Sequence[int],
         text(f"""UPDATE {NAMES[entity].table} SET sync_status = 'local_only', sync_error = CAST(:err AS jsonb)
                  WHERE id = ANY(:ids) AND sync_status IS DISTINCT FROM 'local_only'""").bindparams(_IDS),
         {"ids": list(mirror_ids), "err": error}).rowcount)
+
+
+def mark_waiting(conn: Connection, mirror_ids: Sequence[int], error: str) -> int:
+    """New customers with no location yet (``waiting_for_location``: ServiceTitan creates no customer without
+    one); returns how many newly became so."""
+    return int(conn.execute(
+        text("""UPDATE customers SET sync_status = 'waiting_for_location', sync_error = CAST(:err AS jsonb)
+                WHERE id = ANY(:ids) AND sync_status IS DISTINCT FROM 'waiting_for_location'""").bindparams(_IDS),
+        {"ids": list(mirror_ids), "err": error}).rowcount)
+
+
+def count_by_status(conn: Connection, entity: Entity, status: str) -> int:
+    return int(conn.execute(text(f"SELECT count(*) FROM {NAMES[entity].table} WHERE sync_status = :s"),
+                            {"s": status}).scalar_one())
 
 
 def mark_error(conn: Connection, entity: Entity, mirror_id: int, error: str) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from sync.core.diff import sent_values
 
-STATES = ("pending", "in_flight", "succeeded", "dead", "superseded", "discarded")
+STATES = ("pending", "in_flight", "succeeded", "dead", "superseded", "discarded", "held")
 """Every value of ``outbox.state``, in the order status and metrics show them."""
 
 _IDS = bindparam("ids", type_=ARRAY(BIGINT))
@@ -43,19 +43,21 @@ def _as_list(expr: str) -> str:
 def upsert_pending(conn: Connection, entity: str, rows: Sequence[dict[str, Any]]) -> int:
     """Queue one pending row per record, folding into the record's existing pending row (coalescing).
 
-    ``rows``: ``{"m": mirror id, "s": st_id, "p": body, "d": diff, "t": local change time (ISO) or None}``.
+    ``rows``: ``{"m": mirror id, "s": st_id, "p": body, "d": diff, "t": local change time (ISO) or None, "o":
+    operation}`` (``o`` may be left out: ``update``).
     Returns how many were folded into an existing row rather than inserted.
     """
     # one statement for the whole batch (coalescing into existing pending rows via the unique index)
     # (coalesced = rows the upsert updated rather than inserted: xmax is set on an updated row version;
     # no separate lookup of pending rows, whose plan goes bad while the outbox grows fast)
     upserted = conn.execute(
-        text("""INSERT INTO outbox (entity, mirror_id, st_id, payload, diff, local_changed_at)
-                SELECT :e, t.m, t.s, t.p, t.d, t.t
+        text("""INSERT INTO outbox (entity, mirror_id, st_id, payload, diff, local_changed_at, operation)
+                SELECT :e, t.m, t.s, t.p, t.d, t.t, coalesce(t.o, 'update')
                 FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS t(m bigint, s bigint, p jsonb, d jsonb,
-                                                                   t timestamptz)
+                                                                   t timestamptz, o text)
                 ON CONFLICT (entity, mirror_id) WHERE state = 'pending'
                 DO UPDATE SET payload = EXCLUDED.payload, diff = EXCLUDED.diff, st_id = EXCLUDED.st_id,
+                              operation = EXCLUDED.operation,
                               updated_at = now(),
                               local_changed_at = GREATEST(outbox.local_changed_at, EXCLUDED.local_changed_at)
                 RETURNING (xmax <> 0)"""),
@@ -63,6 +65,28 @@ def upsert_pending(conn: Connection, entity: str, rows: Sequence[dict[str, Any]]
         {"e": entity, "rows": json.dumps(list(rows), default=str)},
     )
     return sum(1 for (updated,) in upserted if updated)
+
+
+def hold_deletes(conn: Connection, records: Sequence[tuple[str, int]]) -> int:
+    """The mass-delete guard: these records' pending delete rows wait ``held`` for an operator."""
+    return int(conn.execute(
+        text("""UPDATE outbox o SET state = 'held', updated_at = now()
+                FROM jsonb_to_recordset(CAST(:r AS jsonb)) AS t(e text, m bigint)
+                WHERE o.entity = t.e AND o.mirror_id = t.m AND o.state = 'pending' AND o.operation = 'delete'"""),
+        {"r": json.dumps([{"e": e, "m": m} for e, m in records])}).rowcount)
+
+
+def held_ids_locked(conn: Connection) -> list[tuple[int, str, int]]:
+    """Held rows, locked: ``(id, entity, mirror id)`` in id order."""
+    return [(r[0], r[1], r[2]) for r in conn.execute(
+        text("SELECT id, entity, mirror_id FROM outbox WHERE state = 'held' ORDER BY id FOR UPDATE"))]
+
+
+def release_held(conn: Connection, outbox_ids: Sequence[int]) -> int:
+    """An operator sends held rows: pending, due now (queued behind a request in flight, as any row)."""
+    return int(conn.execute(text("""UPDATE outbox SET state = 'pending', next_attempt_at = now(), updated_at = now()
+                                    WHERE state = 'held' AND id = ANY(:ids)""").bindparams(_IDS),
+                            {"ids": list(outbox_ids)}).rowcount)
 
 
 def supersede_pending(conn: Connection, entity: str, mirror_ids: Sequence[int]) -> int:
@@ -74,21 +98,23 @@ def supersede_pending(conn: Connection, entity: str, mirror_ids: Sequence[int]) 
 
 
 def reject(conn: Connection, entity: str, mirror_id: int, st_id: int | None, payload: Any, diff: Any,
-           error: Any, *, outbox_id: int | None = None) -> int:
+           error: Any, *, outbox_id: int | None = None, operation: str = "update") -> int:
     """A body that fails the schema: the row (a new one, or the claimed ``outbox_id``) ends dead, unsent."""
     if outbox_id is None:
         return int(conn.execute(
-            text("""INSERT INTO outbox (entity, mirror_id, st_id, state, payload, diff, last_error, completed_at)
-                    VALUES (:e, :m, :s, 'dead', CAST(:p AS jsonb), CAST(:d AS jsonb), CAST(:err AS jsonb), now())
+            text("""INSERT INTO outbox (entity, mirror_id, st_id, state, payload, diff, last_error, completed_at,
+                                        operation)
+                    VALUES (:e, :m, :s, 'dead', CAST(:p AS jsonb), CAST(:d AS jsonb), CAST(:err AS jsonb), now(), :o)
                     RETURNING id"""),
             {"e": entity, "m": mirror_id, "s": st_id, "p": json.dumps(payload), "d": json.dumps(diff),
-             "err": json.dumps(error)},
+             "err": json.dumps(error), "o": operation},
         ).scalar_one())
     conn.execute(
         text(f"""UPDATE outbox SET state = 'dead', payload = CAST(:p AS jsonb), diff = CAST(:d AS jsonb),
-                last_error = CAST(:err AS jsonb), completed_at = now(), updated_at = now(),
+                last_error = CAST(:err AS jsonb), completed_at = now(), updated_at = now(), operation = :o,
                 {_RELEASE_LEASE} WHERE id = :id"""),
-        {"id": outbox_id, "p": json.dumps(payload), "d": json.dumps(diff), "err": json.dumps(error)},
+        {"id": outbox_id, "p": json.dumps(payload), "d": json.dumps(diff), "err": json.dumps(error),
+         "o": operation},
     )
     return outbox_id
 
@@ -114,10 +140,10 @@ def ids_pending(conn: Connection, entity: str) -> set[int]:
 
 
 def claim_due(conn: Connection, limit: int, worker: str,
-              lease_seconds: float) -> list[tuple[int, str, int, int, int, Any]]:
+              lease_seconds: float) -> list[tuple[int, str, int, int, int, Any, str, int | None, Any]]:
     """Lease up to ``limit`` due, claimable rows to ``worker``: ``(outbox id, entity, mirror id, attempts, claim
-    token, unconfirmed)``. The token (the claiming transaction's id) fences the claim: a later claim of the row
-    has another."""
+    token, unconfirmed, operation, st_id, payload)``. The token (the claiming transaction's id) fences the
+    claim: a later claim of the row has another."""
     rows = conn.execute(text(f"""
         WITH due AS (
             SELECT o.id FROM outbox o
@@ -128,16 +154,23 @@ def claim_due(conn: Connection, limit: int, worker: str,
                lease_expires_at = now() + make_interval(secs => :l), updated_at = now(),
                claim_token = txid_current(), sent_at = NULL
         FROM due WHERE o.id = due.id
-        RETURNING o.id, o.entity, o.mirror_id, o.attempts, o.claim_token, o.unconfirmed"""),
+        RETURNING o.id, o.entity, o.mirror_id, o.attempts, o.claim_token, o.unconfirmed, o.operation, o.st_id,
+                  o.payload"""),
         {"n": limit, "w": worker, "l": lease_seconds}).all()
-    return [(r[0], r[1], r[2], r[3], r[4], r[5]) for r in rows]
+    return [(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
 
 
-def set_body(conn: Connection, outbox_id: int, payload: Any, diff: Any, st_id: int) -> None:
+def set_body(conn: Connection, outbox_id: int, payload: Any, diff: Any, st_id: int | None,
+             operation: str = "update") -> None:
     """The body a claimed row is about to send (recomputed at claim time from the mirror and the shadow)."""
     conn.execute(text("UPDATE outbox SET payload = CAST(:p AS jsonb), diff = CAST(:d AS jsonb), "
-                      "st_id = :s WHERE id = :id"),
-                 {"id": outbox_id, "p": json.dumps(payload), "d": json.dumps(diff), "s": st_id})
+                      "st_id = :s, operation = :o WHERE id = :id"),
+                 {"id": outbox_id, "p": json.dumps(payload), "d": json.dumps(diff), "s": st_id, "o": operation})
+
+
+def payload_of(conn: Connection, outbox_id: int) -> Any:
+    """The body the row last carried (a create's: what an earlier attempt sent)."""
+    return conn.execute(text("SELECT payload FROM outbox WHERE id = :id"), {"id": outbox_id}).scalar_one_or_none()
 
 
 def supersede_claimed(conn: Connection, outbox_id: int) -> None:
@@ -186,11 +219,12 @@ def add_unconfirmed(conn: Connection, entity: str, mirror_id: int, sent: str) ->
 # ------------------------------------------------------------------------------------------------ outcomes
 
 
-def succeed(conn: Connection, outbox_id: int, *, attempts: int, status: int) -> None:
+def succeed(conn: Connection, outbox_id: int, *, attempts: int, status: int, st_id: int | None = None) -> None:
+    """``st_id``: a create's new record."""
     conn.execute(text(f"""UPDATE outbox SET state = 'succeeded', attempts = :a, last_status = :s,
                          last_error = NULL, completed_at = now(), updated_at = now(),
-                         {_RELEASE_LEASE} WHERE id = :id"""),
-                 {"id": outbox_id, "a": attempts, "s": status})
+                         st_id = coalesce(CAST(:st AS bigint), st_id), {_RELEASE_LEASE} WHERE id = :id"""),
+                 {"id": outbox_id, "a": attempts, "s": status, "st": st_id})
 
 
 def fail_dead(conn: Connection, outbox_id: int, *, attempts: int, status: int | None, error: str) -> None:

@@ -19,9 +19,11 @@ log = get_logger("stsync.outbox")
 
 def record(conn: Connection, entity: Entity, row: mirror.MirrorRow, diff: Any, patch: Patch, *,
            outbox_id: int | None = None) -> int:
-    """Returns the dead outbox row's id (a new row, or the claimed ``outbox_id``)."""
+    """Returns the dead outbox row's id (a new row, or the claimed ``outbox_id``); a row without ``st_id`` was
+    to be created."""
     message, error = rejection(patch)
-    oid = outbox.reject(conn, entity, row.mirror_id, row.st_id, patch.body, diff, error, outbox_id=outbox_id)
+    oid = outbox.reject(conn, entity, row.mirror_id, row.st_id, patch.body, diff, error, outbox_id=outbox_id,
+                        operation="update" if row.st_id is not None else "create")
     mirror.mark_error(conn, entity, row.mirror_id,
                       sync_error(message, columns=sorted(patch.problems), outbox_id=oid))
     log.warning("outbox.rejected_before_send", entity=entity, mirror_id=row.mirror_id, st_id=row.st_id,

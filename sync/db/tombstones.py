@@ -30,5 +30,32 @@ def buried_st_ids(conn: Connection, entity: str, st_ids: Iterable[int]) -> set[i
         {"e": entity, "ids": list(st_ids)})}
 
 
+def take_back(conn: Connection, entity: str, mirror_id: int) -> dict[str, Any] | None:
+    """An operator undoes a held delete: the row's latest tombstone is removed; returns the row as deleted."""
+    row = conn.execute(text("""DELETE FROM tombstones WHERE id = (SELECT max(id) FROM tombstones
+                                                              WHERE entity = :e AND mirror_id = :m)
+                               RETURNING old_row"""), {"e": entity, "m": mirror_id}).scalar_one_or_none()
+    return dict(row) if isinstance(row, dict) else None
+
+
+def truncations_unrestored(conn: Connection) -> dict[str, int]:
+    """TRUNCATEs of mirror tables the pull has not restored yet: entity -> how many."""
+    return {e: n for e, n in conn.execute(text("SELECT entity, count(*) FROM truncations WHERE restored_at IS NULL "
+                                               "GROUP BY entity"))}
+
+
+def latest_truncation(conn: Connection, entity: str) -> int | None:
+    """The id of the latest TRUNCATE of this entity's table not restored yet (None: none)."""
+    found = conn.execute(text("SELECT max(id) FROM truncations WHERE entity = :e AND restored_at IS NULL"),
+                         {"e": entity}).scalar_one_or_none()
+    return None if found is None else int(found)
+
+
+def mark_truncations_restored(conn: Connection, entity: str, up_to: int) -> int:
+    """A whole feed was pulled again after these TRUNCATEs (ids up to ``up_to``; a later one waits its turn)."""
+    return int(conn.execute(text("UPDATE truncations SET restored_at = now() WHERE entity = :e "
+                                 "AND restored_at IS NULL AND id <= :u"), {"e": entity, "u": up_to}).rowcount)
+
+
 def count(conn: Connection) -> int:
     return int(conn.execute(text("SELECT count(*) FROM tombstones")).scalar_one())

@@ -241,6 +241,32 @@ class ServiceTitanClient:
                     before_send: Callable[[], Awaitable[bool]] | None = None) -> ApiResponse:
         return await self.request("PATCH", f"/{collection}/{st_id}", json_body=body, before_send=before_send)
 
+    async def post(self, collection: str, body: dict[str, Any], *,
+                   before_send: Callable[[], Awaitable[bool]] | None = None) -> ApiResponse:
+        """``POST /{collection}``: create a record (a customer with its ``locations``, or a location)."""
+        return await self.request("POST", f"/{collection}", json_body=body, before_send=before_send)
+
+    async def find_by_external_data(self, collection: str, application_guid: str, key: str,
+                                    values: Sequence[str]) -> ApiResponse:
+        """``GET /{collection}`` of the records whose external data under our application guid has ``key`` set
+        to one of ``values`` (at most ``IDS_PER_LIST``), inactive ones included; the answer lists our
+        ``externalData``. How a create whose answer was lost is found instead of being made twice."""
+        if not 0 < len(values) <= IDS_PER_LIST:
+            raise ValueError(f"find_by_external_data takes 1 to {IDS_PER_LIST} values, not {len(values)}")
+        return await self.request("GET", f"/{collection}", params={
+            "externalDataApplicationGuid": application_guid, "externalDataKey": key,
+            "externalDataValues": ",".join(values), "pageSize": IDS_PER_LIST, "active": "Any"})
+
+    async def list_with_external_data(self, collection: str, st_ids: Sequence[int],
+                                      application_guid: str) -> ApiResponse:
+        """``GET /{collection}?ids=...`` asked with our application guid, so that each record lists our
+        ``externalData`` (the feeds never do): which new records carry a mirror id of ours."""
+        if not 0 < len(st_ids) <= IDS_PER_LIST:
+            raise ValueError(f"list_with_external_data takes 1 to {IDS_PER_LIST} ids, not {len(st_ids)}")
+        return await self.request("GET", f"/{collection}", params={
+            "ids": ",".join(str(i) for i in st_ids), "pageSize": len(st_ids), "active": "Any",
+            "externalDataApplicationGuid": application_guid})
+
     async def get(self, collection: str, st_id: int) -> ApiResponse:
         return await self.request("GET", f"/{collection}/{st_id}")
 

@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, Engine
 
 from sync.config import Config
+from sync.core.create import build_customer_create, build_location_create, sent_diff, sent_record
 from sync.core.diff import unconfirmed_versions
-from sync.core.fields import ENTITIES, NAMES, Entity
-from sync.core.plan import LOCAL_ONLY_ERROR, plan_record, read_only_edits, read_only_error
+from sync.core.fields import CUSTOMER_LINK, ENTITIES, NAMES, Entity
+from sync.core.plan import (
+    LOCAL_ONLY_ERROR,
+    NO_CUSTOMER,
+    WAITING_FOR_LOCATION,
+    deactivation,
+    plan_record,
+    read_only_edits,
+    read_only_error,
+    sync_error,
+)
+from sync.core.request import Patch
 from sync.db import changelog, mirror, outbox, rejected, shadow, tombstones
 from sync.db.engine import bypass_triggers
 from sync.log import get_logger
@@ -38,7 +49,15 @@ class DetectResult:
     dead: int = 0
     """rejected before sending (the body would fail ServiceTitan's schema)"""
     local_only: int = 0
+    creates: int = 0
+    """of enqueued: records to create in ServiceTitan (a customer with its new locations counts once)"""
+    waiting: int = 0
+    """new customers waiting for a location"""
     deleted: int = 0
+    deletes_queued: int = 0
+    """of deleted: propagated (``sync.local_deletes: propagate``), queued or held"""
+    held: int = 0
+    """deletes held by the mass-delete guard (``sync.max_deletes_per_cycle``)"""
     read_only: int = 0
     """records with local edits of read-only columns (flagged, never sent)"""
     duration_ms: float = 0.0
@@ -51,15 +70,62 @@ class DetectResult:
         return asdict(self)
 
 
-def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int], deletes: list[dict[str, Any]],
-                   result: DetectResult, edited_at: dict[tuple[str, int], Any] | None = None) -> None:
+@dataclass
+class DeleteGuard:
+    """The mass-delete guard over one detect cycle (``detect_all``): the deletes it queued, and whether they
+    are held (more than ``sync.max_deletes_per_cycle``)."""
+
+    queued: list[tuple[str, int]] = field(default_factory=list)
+    held: bool = False
+
+
+def _detect_deletes(conn: Connection, cfg: Config, entity: Entity, deletes: list[dict[str, Any]],
+                    result: DetectResult, guard: DeleteGuard) -> None:
+    """Deleted rows: a tombstone each (the pull never brings the record back); under ``propagate``, a delete
+    row for each that has a ServiceTitan record (``PATCH active=false``), queued behind any request in flight."""
     for old in deletes:
         tombstones.record(conn, entity, old)
-        log.warning("detect.local_delete_not_propagated", entity=entity, mirror_id=old["id"], st_id=old.get("st_id"))
     deleted_ids = [old["id"] for old in deletes]
-    if deleted_ids:
-        result.superseded += outbox.supersede_pending(conn, entity, deleted_ids)
-        result.deleted += len(deleted_ids)
+    if not deleted_ids:
+        return
+    result.superseded += outbox.supersede_pending(conn, entity, deleted_ids)
+    result.deleted += len(deleted_ids)
+    if cfg.sync.local_deletes == "keep":
+        for old in deletes:
+            log.warning("detect.local_delete_not_propagated", entity=entity, mirror_id=old["id"],
+                        st_id=old.get("st_id"), hint="sync.local_deletes is keep: a tombstone, nothing sent")
+        return
+    settings = cfg.patch_settings()
+    upserts = []
+    for old in deletes:
+        st_id = old.get("st_id")
+        if st_id is None:
+            continue  # never created in ServiceTitan: nothing to deactivate
+        patch = deactivation(settings, entity, old["id"])
+        upserts.append({"m": old["id"], "s": st_id, "p": patch.body, "d": {}, "t": None, "o": "delete"})
+    if upserts:
+        outbox.upsert_pending(conn, entity, upserts)
+        guard.queued += [(entity, u["m"]) for u in upserts]
+        result.deletes_queued += len(upserts)
+
+
+def _apply_guard(conn: Connection, cfg: Config, guard: DeleteGuard, result: DetectResult) -> None:
+    limit = cfg.sync.max_deletes_per_cycle
+    if len(guard.queued) <= limit:
+        return
+    n = outbox.hold_deletes(conn, guard.queued)
+    result.held += n
+    if not guard.held:
+        log.warning("detect.mass_delete_held", deletes=len(guard.queued), limit=limit,
+                    hint="none is sent: `stsync outbox release --held` sends them, `stsync outbox discard --held` "
+                         "puts the rows back")
+    guard.held = True
+
+
+def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int], deletes: list[dict[str, Any]],
+                   result: DetectResult, edited_at: dict[tuple[str, int], Any] | None = None,
+                   guard: DeleteGuard | None = None) -> None:
+    _detect_deletes(conn, cfg, entity, deletes, result, guard if guard is not None else DeleteGuard())
     if not ids:
         return
     settings = cfg.patch_settings()
@@ -69,9 +135,14 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
     upserts: list[dict[str, Any]] = []
     clean: list[int] = []
     local_only: list[int] = []
+    new = [mid for mid, row in rows.items() if row.st_id is None]
+    if new:
+        upserts += _plan_creates(conn, cfg, entity, {m: rows[m] for m in new}, result, edited_at or {})
     for mid, row in rows.items():
         base = shadows.get(mid)
-        if row.st_id is None or base is None:
+        if row.st_id is None:
+            continue
+        if base is None:
             local_only.append(mid)
             continue
         unconfirmed = [v for stored in possibly_applied.get(mid, ()) for v in unconfirmed_versions(stored)]
@@ -106,8 +177,74 @@ def _detect_entity(conn: Connection, cfg: Config, entity: Entity, ids: set[int],
         result.local_only += len(local_only)
 
 
-def detect_batch(engine: Engine, cfg: Config, *, limit: int | None = None) -> DetectResult:
-    """Drain up to ``limit`` change-log rows into the outbox (one transaction)."""
+def _plan_creates(conn: Connection, cfg: Config, entity: Entity, rows: dict[int, mirror.MirrorRow],
+                  result: DetectResult, edited_at: dict[tuple[str, int], Any]) -> list[dict[str, Any]]:
+    """Rows inserted without ``st_id``: a customer's create (with its new locations), a location's own create
+    (its customer is in ServiceTitan), or nothing yet (a customer with no location waits; a location of a new
+    customer goes in that customer's create). Bodies failing the schema end dead here, never sent."""
+    settings = cfg.patch_settings()
+    out: list[dict[str, Any]] = []
+    waiting: list[int] = []
+    riding: list[int] = []  # locations that go out inside their customer's create
+
+    def queue(mid: int, body: dict[str, Any], times: list[Any]) -> None:
+        at = max((t for t in times if t is not None), default=None)
+        out.append({"m": mid, "s": None, "p": body, "d": sent_diff(sent_record(entity, body, settings.mirror_id_key)),
+                    "t": at.isoformat() if at is not None else None, "o": "create"})
+        result.creates += 1
+
+    if entity == "customer":
+        new_locations = mirror.new_locations_of(conn, rows)
+        for mid, row in rows.items():
+            locs = new_locations.get(mid, [])
+            if not locs:
+                waiting.append(mid)
+                continue
+            patch = build_customer_create(row.record, mid, locs, application_guid=settings.application_guid,
+                                          mirror_id_key=settings.mirror_id_key)
+            if not patch.valid:
+                oid = rejected.record(conn, entity, row, {}, patch)
+                for lmid, _ in locs:
+                    mirror.mark_error(conn, "location", lmid, sync_error(
+                        f"not created: its customer's create (outbox row {oid}) fails ServiceTitan's schema",
+                        columns=sorted(patch.problems), outbox_id=oid))
+                result.dead += 1
+                continue
+            times = [edited_at.get(("customer", mid)), *(edited_at.get(("location", m)) for m, _ in locs)]
+            queue(mid, patch.body, times)
+            riding += [m for m, _ in locs]
+    else:
+        for mid, row in rows.items():
+            if row.customer_id is None:
+                rejected.record(conn, entity, row, {}, Patch({}, dict(NO_CUSTOMER)))
+                result.dead += 1
+                continue
+            if row.record.get(CUSTOMER_LINK) is None:
+                riding.append(mid)  # its customer is new too: detect_batch queued that customer's create
+                continue
+            patch = build_location_create(row.record, mid, application_guid=settings.application_guid,
+                                          mirror_id_key=settings.mirror_id_key)
+            if not patch.valid:
+                rejected.record(conn, entity, row, {}, patch)
+                result.dead += 1
+                continue
+            queue(mid, patch.body, [edited_at.get((entity, mid))])
+    if waiting:
+        result.superseded += outbox.supersede_pending(conn, entity, waiting)
+        n = mirror.mark_waiting(conn, waiting, WAITING_FOR_LOCATION)
+        if n:
+            log.info("detect.waiting_for_location", count=n, mirror_ids=waiting[:20])
+        result.waiting += len(waiting)
+    if riding:
+        mirror.mark_pending(conn, "location", riding)
+    return out
+
+
+def detect_batch(engine: Engine, cfg: Config, *, limit: int | None = None,
+                 guard: DeleteGuard | None = None) -> DetectResult:
+    """Drain up to ``limit`` change-log rows into the outbox (one transaction). ``guard``: the cycle's
+    mass-delete guard (``detect_all``); alone, the batch is the cycle."""
+    guard = guard if guard is not None else DeleteGuard()
     started = time.perf_counter()
     result = DetectResult()
     with engine.begin() as conn:
@@ -129,9 +266,12 @@ def detect_batch(engine: Engine, cfg: Config, *, limit: int | None = None) -> De
                 if op != "R":  # a recheck is stsync's own doing, not an edit
                     key = (entity, mid)
                     edited_at[key] = max(edited_at.get(key, changed_at), changed_at)
+        # a new location of a new customer goes out in that customer's create: look at the customer again
+        ids["customer"] |= mirror.new_customers_of(conn, ids["location"])
         for entity in ENTITIES:
             _detect_entity(conn, cfg, entity, ids[entity] - {d["id"] for d in deletes[entity]},
-                           deletes[entity], result, edited_at)
+                           deletes[entity], result, edited_at, guard)
+        _apply_guard(conn, cfg, guard, result)
     result.duration_ms = round((time.perf_counter() - started) * 1000, 2)
     log.info("detect.batch", **result.as_dict())
     return result
@@ -140,8 +280,9 @@ def detect_batch(engine: Engine, cfg: Config, *, limit: int | None = None) -> De
 def detect_all(engine: Engine, cfg: Config) -> DetectResult:
     """Drain the whole change log, batch after batch."""
     total = DetectResult()
+    guard = DeleteGuard()
     while True:
-        r = detect_batch(engine, cfg)
+        r = detect_batch(engine, cfg, guard=guard)
         total.add(r)
         if r.rows < cfg.sync.batch_size:
             return total

@@ -21,7 +21,16 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from sync.config import Config
-from sync.core import merge
+from sync.core import merge, openapi
+from sync.core.create import (
+    build_customer_create,
+    build_location_create,
+    merge_created,
+    mirror_id_of,
+    new_location_ids,
+    sent_diff,
+    sent_values,
+)
 from sync.core.diff import strip_key, unconfirmed_versions
 from sync.core.fields import (
     CUSTOMER_LINK,
@@ -31,8 +40,9 @@ from sync.core.fields import (
     parse_timestamp,
     record_from_api,
 )
-from sync.core.plan import dead_answer, not_a_record, plan_record
+from sync.core.plan import NO_CUSTOMER, WAITING_FOR_LOCATION, dead_answer, not_a_record, plan_record
 from sync.core.presend import changed_since
+from sync.core.request import Patch
 from sync.core.retry import Outcome, backoff_seconds, classify
 from sync.db import attempts, changelog, conflicts, mirror, outbox, rejected, shadow
 from sync.db.engine import bypass_triggers
@@ -72,6 +82,14 @@ class Claim:
     """the claim's fencing token (outbox.claim_token)"""
     base: dict[str, Any] = field(default_factory=dict)
     """the shadow the body was planned against"""
+    operation: str = "update"
+    """``update`` (a PATCH of record ``st_id``) or ``create`` (a POST; ``st_id`` is 0 until it is answered)"""
+    earlier: list[dict[str, Any]] = field(default_factory=list)
+    """what earlier attempts sent whose answers were lost (possibly applied): a create looks the record up first"""
+    locations: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """a customer's create: its new location rows as sent (mirror id -> record)"""
+    found: bool = False
+    """a create's answer is the record an earlier attempt made, found by our external data"""
 
 
 @dataclass
@@ -89,6 +107,10 @@ class DispatchStats:
     """claims found lost just before sending: nothing sent"""
     checks: int = 0
     """list requests made to check claimed records before sending them"""
+    created: int = 0
+    """records created in ServiceTitan (a customer with its locations counts once)"""
+    linked: int = 0
+    """creates found already made (an earlier attempt applied, its answer lost) and linked instead of re-sent"""
     checks_failed: int = 0
     changed_remotely: int = 0
     """claimed records found changed in ServiceTitan since their shadow: merged first, their bodies recomputed"""
@@ -98,6 +120,17 @@ class DispatchStats:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+def _not_created(entity: Entity, body: Any) -> str | None:
+    """Why a 2xx answer to a create is not the created record, or None when it is."""
+    if not isinstance(body, dict):
+        return f"not a {entity} record: a JSON {type(body).__name__}"
+    problem = openapi.answer_problem(openapi.RESPONSE_SCHEMAS[entity], {k: v for k, v in body.items()
+                                                                        if k not in ("locations", "contacts")})
+    if problem is not None:
+        return f"not a {entity} record: {problem}"
+    return None
 
 
 class Dispatcher:
@@ -161,7 +194,13 @@ class Dispatcher:
             by_entity: dict[str, list[tuple[int, int, int]]] = {}
             tokens: dict[int, int] = {}
             possibly_applied: dict[int, list[dict[str, Any]]] = {}
-            for oid, entity_name, mid, tries, token, unconfirmed in rows:
+            for oid, entity_name, mid, tries, token, unconfirmed, operation, st_id, payload in rows:
+                if operation == "delete":
+                    # the row is gone from the mirror: its stored body (``PATCH active=false``) is what goes out
+                    claims.append(Claim(oid, "customer" if entity_name == "customer" else "location", mid,
+                                        int(st_id or 0), tries + 1, dict(payload), {}, {}, token,
+                                        operation="delete"))
+                    continue
                 by_entity.setdefault(entity_name, []).append((oid, mid, tries))
                 tokens[oid] = token
                 possibly_applied[oid] = unconfirmed_versions(unconfirmed) if unconfirmed else []
@@ -172,8 +211,16 @@ class Dispatcher:
                 mirror.lock(conn, entity, [m for _, m, _ in items])
                 rows_now = mirror.load_mirror(conn, entity, [m for _, m, _ in items])
                 shadows = shadow.load_shadows(conn, entity, rows_now)
+                new = {m: r for m, r in rows_now.items() if r.st_id is None}
+                new_locations = mirror.new_locations_of(conn, new) if entity == "customer" and new else {}
                 for oid, mid, tries in items:
                     row, base = rows_now.get(mid), shadows.get(mid)
+                    if row is not None and row.st_id is None:
+                        made = self._claim_create(conn, entity, row, oid, tries, tokens[oid],
+                                                  new_locations.get(mid, []), possibly_applied[oid])
+                        if made is not None:
+                            claims.append(made)
+                        continue
                     diff, patch = (None, None) if row is None or base is None or row.st_id is None \
                         else plan_record(settings, entity, mid, row.record, base, possibly_applied[oid])
                     if row is None or patch is None:
@@ -192,13 +239,50 @@ class Dispatcher:
                                         row.record, tokens[oid], dict(base or {})))
             return claims
 
+    def _claim_create(self, conn: Connection, entity: Entity, row: mirror.MirrorRow, oid: int, tries: int,
+                      token: int, locations: list[tuple[int, dict[str, Any]]],
+                      earlier: list[dict[str, Any]]) -> Claim | None:
+        """A claimed row of a record without ``st_id``: its create body from the mirror as it is now (a customer
+        with its new locations), or nothing to send (a customer with no location waits; a location of a new
+        customer goes in that customer's create), or dead unsent (the body fails the schema)."""
+        settings = self.cfg.patch_settings()
+        patch: Patch | None = None
+        if entity == "customer":
+            if not locations:
+                outbox.supersede_claimed(conn, oid)
+                mirror.mark_waiting(conn, [row.mirror_id], WAITING_FOR_LOCATION)
+                self.stats.superseded += 1
+                return None
+            patch = build_customer_create(row.record, row.mirror_id, locations,
+                                          application_guid=settings.application_guid,
+                                          mirror_id_key=settings.mirror_id_key)
+        elif row.customer_id is None:
+            patch = Patch({}, dict(NO_CUSTOMER))
+        elif row.record.get(CUSTOMER_LINK) is None:
+            outbox.supersede_claimed(conn, oid)  # its customer's create carries it
+            changelog.log_recheck(conn, "customer", [row.customer_id])
+            self.stats.superseded += 1
+            return None
+        else:
+            patch = build_location_create(row.record, row.mirror_id, application_guid=settings.application_guid,
+                                          mirror_id_key=settings.mirror_id_key)
+        if not patch.valid:
+            rejected.record(conn, entity, row, {}, patch, outbox_id=oid)
+            self.stats.rejected += 1
+            return None
+        diff = sent_diff(sent_values(entity, patch.body, row.record, mirror_id_key=settings.mirror_id_key))
+        outbox.set_body(conn, oid, patch.body, diff, None, "create")
+        return Claim(oid, entity, row.mirror_id, 0, tries + 1, patch.body, diff, row.record, token, {},
+                     operation="create", earlier=earlier, locations=dict(locations))
+
     def complete(self, c: Claim, resp: ApiResponse, started_at: float) -> Outcome:
         outcome = classify(resp.status, resp.body)
         retry_cfg = self.cfg.retry
         error_body: Any = resp.body if resp.status and not (resp.body is None and resp.error) else \
             {"message": resp.error, "status": resp.status or None}
         if outcome is Outcome.SUCCEEDED:
-            problem = not_a_record(c.entity, c.st_id, resp.body)
+            problem = not_a_record(c.entity, c.st_id, resp.body) if c.operation == "update" else \
+                _not_created(c.entity, resp.body)
             if problem is not None:  # a 2xx that is not the record: a failed attempt, possibly applied
                 outcome = Outcome.RETRY
                 error_body = {"message": f"ServiceTitan answered {resp.status} with a body that is {problem}",
@@ -221,8 +305,14 @@ class Dispatcher:
                     outbox.add_unconfirmed(conn, c.entity, c.mirror_id, json.dumps([ours], default=str))
                 return outcome
             if outcome is Outcome.SUCCEEDED:
-                self._apply_success(conn, c, resp.body)
-                outbox.succeed(conn, c.outbox_id, attempts=c.attempt, status=resp.status)
+                if c.operation == "create":
+                    self._apply_created(conn, c, resp.body)
+                elif c.operation == "update":
+                    self._apply_success(conn, c, resp.body)
+                else:  # a propagated delete: the mirror row is gone, its tombstone keeps the record out
+                    self.log.info("outbox.deactivated", entity=c.entity, mirror_id=c.mirror_id, st_id=c.st_id)
+                outbox.succeed(conn, c.outbox_id, attempts=c.attempt, status=resp.status,
+                               st_id=resp.body.get("id") if c.operation == "create" else None)
             elif resp.not_sent:  # no token: nothing was sent, so no attempt is spent (like a 429)
                 outcome = Outcome.RATE_LIMITED
                 outbox.requeue(conn, c.outbox_id, c.entity, c.mirror_id, delay_s=resp.retry_after_s or 5.0,
@@ -306,12 +396,80 @@ class Dispatcher:
             self.log.info("outbox.conflict", entity=c.entity, mirror_id=c.mirror_id, st_id=c.st_id,
                           field=found.field, policy=policy, outcome=found.outcome)
 
+    def _apply_created(self, conn: Connection, c: Claim, body: dict[str, Any]) -> None:
+        """ServiceTitan created the record (the POST's answer, or the record an earlier attempt made, found by our
+        external data): the row and each location created with it get their ``st_id``; the shadow is what
+        ServiceTitan stored; the mirror takes ServiceTitan's form of what was sent unless edited since
+        (``core.create.merge_created``), which is then PATCHed."""
+        key = self.cfg.servicetitan.mirror_id_key
+        earlier = c.earlier if c.found else []
+        bypass_triggers(conn)
+        linked = self._link(conn, c.entity, c.mirror_id, body,
+                            sent_values(c.entity, c.body, c.sent, [{k: v for k, v in e.items() if k != "locations"}
+                                                                   for e in earlier], key))
+        if not linked or c.entity != "customer":
+            return
+        sent_locations = dict(zip(new_location_ids(c.body, key), c.body.get("locations") or [], strict=False))
+        answered = [loc for loc in body.get("locations") or [] if isinstance(loc, dict)]
+        for i, loc in enumerate(answered):
+            lmid = mirror_id_of(loc, key)
+            if lmid is None and len(answered) == len(sent_locations):  # answered in the order sent
+                lmid = list(sent_locations)[i]
+            if lmid is None or lmid not in sent_locations:
+                continue
+            before = [e["locations"][str(lmid)] for e in earlier
+                      if isinstance(e.get("locations"), dict) and isinstance(e["locations"].get(str(lmid)), dict)]
+            self._link(conn, "location", lmid, loc, sent_values("location", sent_locations[lmid],
+                                                                c.locations.get(lmid, {}), before, key))
+        # locations inserted while the customer's create was on its way: each is now a POST /locations
+        rest = [m for m, _ in mirror.new_locations_of(conn, [c.mirror_id]).get(c.mirror_id, [])]
+        if rest:
+            changelog.log_recheck(conn, "location", rest)
+
+    def _link(self, conn: Connection, entity: Entity, mirror_id: int, api: dict[str, Any],
+              sent: dict[str, Any]) -> bool:
+        """One created record into its mirror row (see ``_apply_created``); False if it cannot be linked."""
+        key = self.cfg.servicetitan.mirror_id_key
+        st_id = api.get("id")
+        current = mirror.load_mirror(conn, entity, [mirror_id], for_update=True).get(mirror_id)
+        holder = mirror.mirror_ids_by_st_id(conn, entity, [st_id]).get(st_id) if isinstance(st_id, int) else None
+        if current is None or not isinstance(st_id, int) or (current.st_id not in (None, st_id)) \
+                or holder not in (None, mirror_id):
+            self.log.error("outbox.created_not_linked", entity=entity, mirror_id=mirror_id, st_id=st_id,
+                           row_st_id=None if current is None else current.st_id, held_by=holder,
+                           hint="the mirror row is gone or already points at another record")
+            return False
+        remote = record_from_api(entity, api)
+        remote["external_data"] = strip_key(remote["external_data"], key)
+        mirror.link(conn, entity, mirror_id, st_id)
+        if entity == "location":
+            current = mirror.load_mirror(conn, entity, [mirror_id]).get(mirror_id) or current  # its customer's st_id
+        result = merge_created(entity, current.record, remote, sent, sync_active=self.cfg.sync.sync_active)
+        updates = dict(result.mirror_updates)
+        customer_mirror_id = None
+        if CUSTOMER_LINK in updates:
+            customer_mirror_id = mirror.customer_mirror_ids(conn, [updates[CUSTOMER_LINK]]).get(updates[CUSTOMER_LINK])
+        mirror.update_mirror(conn, entity, mirror_id, updates, customer_mirror_id=customer_mirror_id,
+                             status="resend" if result.push_needed else "synced")
+        shadow.write_shadow(conn, entity, mirror_id, st_id, result.new_shadow)
+        if result.push_needed:
+            changelog.log_recheck(conn, entity, [mirror_id])
+        self.log.info("outbox.created", entity=entity, mirror_id=mirror_id, st_id=st_id)
+        return True
+
     def _answered(self, c: Claim) -> dict[str, Any]:
-        """What the PATCH carried, {column: value}: the diff's columns, and the whole address if any part of it."""
+        """What the PATCH carried, {column: value}: the diff's columns, and the whole address if any part of it.
+        A customer's create adds ``locations``: {mirror id: what it carried of that location}."""
         cols = set(c.diff)
         if cols & set(address_columns(c.entity)):
             cols |= set(address_columns(c.entity))
-        return {col: c.sent.get(col) for col in cols}
+        out: dict[str, Any] = {col: c.sent.get(col) for col in cols}
+        if c.operation == "create" and c.locations:
+            key = self.cfg.servicetitan.mirror_id_key
+            bodies = dict(zip(new_location_ids(c.body, key), c.body.get("locations") or [], strict=False))
+            out["locations"] = {str(m): sent_values("location", b, c.locations.get(m, {}), mirror_id_key=key)
+                                for m, b in bodies.items()}
+        return out
 
     def _local_changed_at(self, conn: Connection, c: Claim,
                           unsent: list[tuple[int, str, Any, Any, Any]]) -> datetime | None:
@@ -335,13 +493,58 @@ class Dispatcher:
         with self.engine.begin() as conn:
             return outbox.mark_sent(conn, c.outbox_id, self.worker, c.token)
 
+    async def _find_created(self, c: Claim) -> ApiResponse | None:
+        """A create whose earlier attempt may have been applied: the record our external data names, as a
+        create's answer (with the customer's locations), or an answer that is not ok (the lookup failed: nothing
+        is sent), or None (not there: create it)."""
+        guid, key = self.cfg.servicetitan.application_guid, self.cfg.servicetitan.mirror_id_key
+        collection = NAMES[c.entity].collection
+        resp = await self.client.find_by_external_data(collection, guid, key, [str(c.mirror_id)])
+        data = resp.body.get("data") if resp.ok and isinstance(resp.body, dict) else None
+        if not isinstance(data, list):
+            return ApiResponse(resp.status if not resp.ok else 0, resp.body, resp.latency_ms,
+                               error=resp.error or "the lookup of an earlier attempt's record failed")
+        found = sorted((r for r in data if isinstance(r, dict) and mirror_id_of(r, key) == c.mirror_id
+                        and isinstance(r.get("id"), int)), key=lambda r: r["id"])
+        if not found:
+            return None
+        if len(found) > 1:
+            self.log.error("outbox.create_duplicates_found", entity=c.entity, mirror_id=c.mirror_id,
+                           st_ids=[r["id"] for r in found], hint="linked to the oldest; merge the others in "
+                           "ServiceTitan")
+        record = dict(found[0])
+        if c.entity == "customer":
+            locations = new_location_ids(c.body, key)
+            record["locations"] = []
+            if locations:
+                lresp = await self.client.find_by_external_data("locations", guid, key, [str(m) for m in locations])
+                ldata = lresp.body.get("data") if lresp.ok and isinstance(lresp.body, dict) else None
+                if not isinstance(ldata, list):
+                    return ApiResponse(lresp.status if not lresp.ok else 0, lresp.body, lresp.latency_ms,
+                                       error=lresp.error or "the lookup of an earlier attempt's locations failed")
+                record["locations"] = [r for r in ldata if isinstance(r, dict) and r.get("customerId") == record["id"]]
+        self.stats.linked += 1
+        self.log.warning("outbox.create_found", entity=c.entity, mirror_id=c.mirror_id, st_id=record["id"],
+                         hint="an earlier attempt was applied and its answer lost: linked, not created again")
+        return ApiResponse(200, record, resp.latency_ms)
+
     async def _send_live(self, c: Claim) -> Outcome:
         started = time.time()
 
         async def before_send() -> bool:
             return await asyncio.to_thread(self.still_claimed, c)
 
-        resp = await self.client.patch(NAMES[c.entity].collection, c.st_id, c.body, before_send=before_send)
+        if c.operation == "create":
+            found = await self._find_created(c) if c.earlier else None
+            if found is not None:
+                resp = found
+                c.found = found.ok
+            else:
+                resp = await self.client.post(NAMES[c.entity].collection, c.body, before_send=before_send)
+                if resp.ok and isinstance(resp.body, dict):
+                    self.stats.created += 1
+        else:
+            resp = await self.client.patch(NAMES[c.entity].collection, c.st_id, c.body, before_send=before_send)
         if resp.fenced:  # frozen past its lease (GC pause, SIGSTOP, a long wait): another worker owns the row
             self.stats.fenced += 1
             self.log.warning("outbox.claim_lost_before_send", outbox_id=c.outbox_id, entity=c.entity,
@@ -468,7 +671,8 @@ class Dispatcher:
         self._last_check = time.monotonic()
         by_entity: dict[Entity, list[Claim]] = {}
         for c in claims:
-            by_entity.setdefault(c.entity, []).append(c)
+            if c.operation == "update":  # a create has no ServiceTitan record to check yet
+                by_entity.setdefault(c.entity, []).append(c)
         held_back: list[Claim] = []
         for entity, group in by_entity.items():
             for i in range(0, len(group), IDS_PER_LIST):

@@ -29,7 +29,9 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
 from sync.config import Config
-from sync.core.diff import sent_values, unconfirmed_versions
+from sync.core.create import create_columns, merge_created, mirror_id_of
+from sync.core.create import sent_values as create_sent_values
+from sync.core.diff import sent_values, strip_key, unconfirmed_versions
 from sync.core.export import BIGINT_MAX, Page, missing_fields, newer, normalise, parse_page, unstorable, without_nul
 from sync.core.fields import (
     CUSTOMER_LINK,
@@ -58,6 +60,10 @@ QUARANTINE_RAW_MAX = 100_000
 CURSOR_FALLBACK_MARGIN_S = 3600.0
 """A rejected continuation token: the feed restarts this long before the newest modifiedOn the mirror holds."""
 
+Links = dict[str, dict[int, tuple[int, dict[str, Any]]]]
+"""entity -> {st_id: (mirror id, our external_data)}: records new to the mirror that carry a mirror id of ours (a
+create whose answer was lost, or a record made by hand with our external data): they link to that row."""
+
 ProgressCallback = Callable[[str, int, float], None]
 """``progress(feed, records_so_far, records_per_second)``, called after each page."""
 
@@ -85,6 +91,8 @@ class FeedStats:
     """Records put aside (``quarantine`` table): the rest of their page applied."""
     released: int = 0
     """Quarantined records applied at last."""
+    linked: int = 0
+    """Records new to the mirror that carry a mirror id of ours: linked to that row, never a second one."""
 
     def add(self, other: FeedStats) -> None:
         for k, v in asdict(other).items():
@@ -135,6 +143,11 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
         await _refetch_quarantined(engine, client, cfg, entity, lg)
     stored, initial_done = await asyncio.to_thread(_read_cursor, engine, feed, within)
     token = stored or (None if initial_done else cfg.sync.initial_from)
+    truncated = await asyncio.to_thread(_truncated, engine, entity, within)
+    if truncated is not None:
+        # the table was emptied by TRUNCATE (never propagated): the whole feed again brings every row back
+        token = cfg.sync.initial_from
+        lg.warning("pull.restoring_truncated", feed=feed, truncation_id=truncated, restart_from=token)
     totals = FeedStats()
     started = time.monotonic()
     drained = moved = False
@@ -162,6 +175,7 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
             fetched: dict[int, dict[str, Any] | None] = {}
             if entity == "location":
                 fetched = await _fetch_missing_customers(engine, client, cfg, page.data, lg)
+            links = await _find_ours(engine, client, cfg, entity, page.data, fetched, lg)
             # bounded: a continuation token that does not move, or a run past its time budget, ends this run
             # with a warning; the next run goes on from the stored cursor
             stuck = page.has_more and asked is not None and page.continue_from == asked
@@ -171,7 +185,8 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
                 fetch = asyncio.create_task(_fetch_page(client, cfg, feed, page.continue_from, lg))
             page_started = time.monotonic()
             try:
-                stats = await asyncio.to_thread(_apply_page, engine, cfg, entity, page, stored, fetched, lg, within)
+                stats = await asyncio.to_thread(_apply_page, engine, cfg, entity, page, stored, fetched, lg, within,
+                                                links)
             except CursorMovedError:
                 moved = True
                 lg.warning("pull.cursor_moved", feed=feed)
@@ -206,6 +221,9 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
         lg.warning("pull.run_budget_spent", feed=feed, pages=totals.pages, records=totals.records,
                    seconds=round(duration, 1), limit_s=cfg.sync.pull_max_seconds_per_run,
                    hint="the feed has more; the next run continues from the stored cursor")
+    if drained and truncated is not None and within is None:
+        await asyncio.to_thread(_truncations_restored, engine, entity, truncated)
+        summary["restored_truncated"] = True
     if drained:
         lg.info("pull.feed_drained", feed=feed, pages=totals.pages, records=totals.records, applied=totals.applied,
                 inserted=totals.inserted, unchanged=totals.unchanged, conflicts=totals.conflicts,
@@ -221,12 +239,13 @@ async def apply_fetched(engine: Engine, client: ServiceTitanClient, cfg: Config,
     fetched: dict[int, dict[str, Any] | None] = {}
     if entity == "location":
         fetched = await _fetch_missing_customers(engine, client, cfg, data, lg)
+    links = await _find_ours(engine, client, cfg, entity, data, fetched, lg)
 
     def apply() -> FeedStats:
         stats = FeedStats(records=len(data))
         with connect(engine) as conn, conn.begin():
             bypass_triggers(conn)
-            _apply_data(conn, cfg, entity, data, fetched, stats, lg)
+            _apply_data(conn, cfg, entity, data, fetched, stats, lg, links)
         return stats
 
     return await asyncio.to_thread(apply)
@@ -329,6 +348,52 @@ async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, c
     return dict(await asyncio.gather(*(one(i) for i in missing)))
 
 
+async def _find_ours(engine: Engine, client: ServiceTitanClient, cfg: Config, entity: Entity, data: list[Any],
+                     fetched: Mapping[int, Any], log: Any) -> Links:
+    """Which records new to the mirror carry a mirror id of ours. Only asked while the mirror has rows without
+    ``st_id`` (creates): the new records are listed by id with our application guid (the feeds never show our
+    external data), 50 per request. A failed lookup fails the page: a record of ours must never become a
+    second mirror row."""
+    key, guid = cfg.servicetitan.mirror_id_key, cfg.servicetitan.application_guid
+    asked: dict[Entity, set[int]] = {entity: {r["id"] for r in data if isinstance(r, dict)
+                                              and isinstance(r.get("id"), int) and not isinstance(r.get("id"), bool)}}
+    if fetched:
+        asked.setdefault("customer", set()).update(i for i, rec in fetched.items() if rec is not None)
+
+    def new_ids() -> dict[Entity, list[int]]:
+        out: dict[Entity, list[int]] = {}
+        with connect(engine) as conn:
+            for e, ids in asked.items():
+                if ids and mirror.has_unlinked(conn, e):
+                    known = mirror.mirror_ids_by_st_id(conn, e, ids)
+                    out[e] = sorted(i for i in ids if i not in known)
+        return out
+
+    links: Links = {}
+    for e, ids in (await asyncio.to_thread(new_ids)).items():
+        collection = NAMES[e].collection
+        for i in range(0, len(ids), IDS_PER_LIST):
+            chunk = ids[i:i + IDS_PER_LIST]
+
+            def ask(c: list[int] = chunk, col: str = collection) -> Any:
+                return client.list_with_external_data(col, c, guid)
+
+            resp = await _call(f"{collection}?ids", cfg, log, ask)
+            found = resp.body.get("data") if resp.ok and isinstance(resp.body, dict) else None
+            if not isinstance(found, list):
+                raise ServiceTitanError(f"GET /{collection}?ids=... (our external data) answered {_describe(resp)}",
+                                        status=resp.status, body=resp.body)
+            for rec in found:
+                mid = mirror_id_of(rec, key) if isinstance(rec, dict) else None
+                if mid is not None and isinstance(rec.get("id"), int):
+                    ext = strip_key(record_from_api(e, {"externalData": rec.get("externalData")})["external_data"],
+                                    key)
+                    links.setdefault(e, {})[rec["id"]] = (mid, ext)
+    if links:
+        log.info("pull.records_of_ours", **{e: len(v) for e, v in links.items()})
+    return links
+
+
 # ---------------------------------------------------------------------------------------------------- cursor
 
 
@@ -347,6 +412,17 @@ def _restore_read_only(engine: Engine, entity: Entity, log: Any, within: Connect
                 mirror.update_mirror(conn, entity, mid, {c: base.get(c) for c in columns if c in base})
             mirror.clear_read_only_flag(conn, entity, mid)
             log.info("pull.read_only_restored", entity=entity, mirror_id=mid, columns=columns)
+
+
+def _truncated(engine: Engine, entity: Entity, within: Connection | None = None) -> int | None:
+    """The latest TRUNCATE of this entity's mirror table not restored yet (its id), or None."""
+    with _transaction(engine, within) as conn:
+        return tombstones.latest_truncation(conn, entity)
+
+
+def _truncations_restored(engine: Engine, entity: Entity, up_to: int) -> None:
+    with engine.begin() as conn:
+        tombstones.mark_truncations_restored(conn, entity, up_to)
 
 
 def _fallback_from(engine: Engine, entity: Entity, within: Connection | None = None) -> str | None:
@@ -446,13 +522,13 @@ def _storable_text(value: str) -> str:
 
 def _apply_guarded(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, dict[str, Any]],
                    stats: FeedStats, log: Any, customer_ids: dict[int, int] | None,
-                   quarantined: list[dict[str, Any]]) -> None:
+                   quarantined: list[dict[str, Any]], links: Links) -> None:
     """Apply ``recs``; if the database refuses the batch (a value the checks did not foresee), apply the records
     one by one, each in its own savepoint, and quarantine those it refuses: one record never blocks a feed."""
     batch = FeedStats()
     try:
         with conn.begin_nested():
-            _apply_records(conn, cfg, entity, recs, batch, log, customer_ids)
+            _apply_records(conn, cfg, entity, recs, batch, log, customer_ids, links)
         stats.add(batch)
         return
     except (DataError, IntegrityError) as exc:  # the data; a lost connection or a lock timeout is raised
@@ -462,7 +538,7 @@ def _apply_guarded(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
         one = FeedStats()
         try:
             with conn.begin_nested():
-                _apply_records(conn, cfg, entity, {st_id: rec}, one, log, customer_ids)
+                _apply_records(conn, cfg, entity, {st_id: rec}, one, log, customer_ids, links)
             stats.add(one)
         except (DataError, IntegrityError) as exc:
             reason = "the database refused it: " + (str(exc.orig).splitlines()[0] if exc.orig else type(exc).__name__)
@@ -478,30 +554,34 @@ def _settle_quarantine(conn: Connection, entity: Entity, recs: dict[int, dict[st
 
 
 def _apply_page(engine: Engine, cfg: Config, entity: Entity, page: Page, expected: str | None,
-                fetched: dict[int, dict[str, Any] | None], log: Any, within: Connection | None = None) -> FeedStats:
+                fetched: dict[int, dict[str, Any] | None], log: Any, within: Connection | None = None,
+                links: Links | None = None) -> FeedStats:
     feed = NAMES[entity].feed
     stats = FeedStats(pages=1, records=len(page.data))
     with _transaction(engine, within) as conn:
         bypass_triggers(conn)
         _lock_cursor(conn, feed, expected)
-        _apply_data(conn, cfg, entity, page.data, fetched, stats, log)
+        _apply_data(conn, cfg, entity, page.data, fetched, stats, log, links)
         _store_cursor(conn, feed, page)
     return stats
 
 
 def _apply_data(conn: Connection, cfg: Config, entity: Entity, data: list[Any],
-                fetched: dict[int, dict[str, Any] | None], stats: FeedStats, log: Any) -> None:
+                fetched: dict[int, dict[str, Any] | None], stats: FeedStats, log: Any,
+                links: Links | None = None) -> None:
     """Parse, merge and write API records (a feed page, or records fetched by id) in ``conn``'s transaction;
     what cannot be used is quarantined."""
     quarantined: list[dict[str, Any]] = []
     recs = _parse_records(entity, data, stats, log, quarantined)
-    customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, log) if entity == "location" else None
-    _apply_guarded(conn, cfg, entity, recs, stats, log, customer_ids, quarantined)
+    links = links or {}
+    customer_ids = _resolve_customers(conn, cfg, recs, fetched, stats, log, links) if entity == "location" else None
+    _apply_guarded(conn, cfg, entity, recs, stats, log, customer_ids, quarantined, links)
     _settle_quarantine(conn, entity, recs, quarantined, stats)
 
 
 def _resolve_customers(conn: Connection, cfg: Config, recs: dict[int, dict[str, Any]],
-                       fetched: dict[int, dict[str, Any] | None], stats: FeedStats, log: Any) -> dict[int, int]:
+                       fetched: dict[int, dict[str, Any] | None], stats: FeedStats, log: Any,
+                       links: Links) -> dict[int, int]:
     """ServiceTitan customer id -> mirror id for this location page; fetched customers are applied first.
 
     A location whose customer cannot be resolved (GET answered 404) keeps ``customer_id`` NULL, and so does its
@@ -512,7 +592,7 @@ def _resolve_customers(conn: Connection, cfg: Config, recs: dict[int, dict[str, 
     arrived = {st: rec for st, rec in fetched.items() if rec is not None and st in wanted and st not in known}
     if arrived:
         cust = FeedStats()
-        _apply_records(conn, cfg, "customer", arrived, cust, log, None)
+        _apply_records(conn, cfg, "customer", arrived, cust, log, None, links)
         quarantine.release(conn, "customer", arrived)  # fetched by id, whole: out of quarantine if it was in
         stats.customers_fetched += cust.inserted + cust.applied
         stats.conflicts += cust.conflicts
@@ -526,13 +606,19 @@ def _resolve_customers(conn: Connection, cfg: Config, recs: dict[int, dict[str, 
 
 
 def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, dict[str, Any]],
-                   stats: FeedStats, log: Any, customer_ids: dict[int, int] | None) -> None:
+                   stats: FeedStats, log: Any, customer_ids: dict[int, int] | None, links: Links | None = None) -> None:
     """Merge ``recs`` (st_id -> remote canonical record) into the mirror and shadow; batched writes."""
     if not recs:
         return
     policy: Policy = cfg.sync.conflict_policy
     existing = mirror.mirror_ids_by_st_id(conn, entity, recs)
     new = {s for s in recs if s not in existing}
+    of_ours = (links or {}).get(entity, {})
+    ours = {s: of_ours[s] for s in new if s in of_ours}
+    if ours:
+        stats.linked += _link_ours(conn, cfg, entity, recs, ours, log)
+        existing = mirror.mirror_ids_by_st_id(conn, entity, recs)
+        new = {s for s in recs if s not in existing}
     if new:
         buried = tombstones.buried_st_ids(conn, entity, new)
         for s in buried:
@@ -606,6 +692,45 @@ def _apply_records(conn: Connection, cfg: Config, entity: Entity, recs: dict[int
             work.rechecks.append(mid)
 
     _write(conn, entity, work, stats)
+
+
+def _link_ours(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, dict[str, Any]],
+               ours: dict[int, tuple[int, dict[str, Any]]], log: Any) -> int:
+    """New records that carry a mirror id of ours link to that row (it gets its ``st_id``; the mirror takes
+    ServiceTitan's values of what its create carried, unless edited since; ``core.create.merge_created``),
+    never a second row. A row that is gone or already linked is left alone: the record arrives as a row of its
+    own."""
+    rows = mirror.load_mirror(conn, entity, [m for m, _ in ours.values()], for_update=True)
+    unsent = outbox.unsent_for(conn, entity, list(rows))
+    linked = 0
+    for st_id, (mid, ext) in sorted(ours.items()):
+        row = rows.get(mid)
+        if row is None or row.st_id is not None:
+            log.warning("pull.record_of_ours_not_linked", entity=entity, st_id=st_id, mirror_id=mid,
+                        reason="no such row" if row is None else f"the row is linked to {row.st_id}")
+            continue
+        # what its create carried (an in-flight one, or attempts whose answers were lost); none: ServiceTitan's
+        # values are taken for every column a create sends
+        earlier = [v for m, state, diff, unconfirmed, _ in unsent if m == mid
+                   for v in ([sent_values(diff)] if state == "in_flight" else []) + unconfirmed_versions(unconfirmed)]
+        remote = dict(recs[st_id], external_data=ext)
+        columns = create_columns(entity)
+        sent = create_sent_values(entity, columns, row.record, earlier, cfg.servicetitan.mirror_id_key)
+        mirror.link(conn, entity, mid, st_id)
+        if entity == "location":
+            row = mirror.load_mirror(conn, entity, [mid]).get(mid) or row
+        result = merge_created(entity, row.record, remote, sent, sync_active=cfg.sync.sync_active)
+        updates = dict(result.mirror_updates)
+        cmid = None
+        if CUSTOMER_LINK in updates:
+            cmid = mirror.customer_mirror_ids(conn, [updates[CUSTOMER_LINK]]).get(updates[CUSTOMER_LINK])
+        mirror.update_mirror(conn, entity, mid, updates, customer_mirror_id=cmid,
+                             status="resend" if result.push_needed else "synced")
+        shadow.write_shadow(conn, entity, mid, st_id, result.new_shadow)
+        changelog.log_recheck(conn, entity, [mid])  # its queued create is now an update (or nothing)
+        log.info("pull.record_of_ours_linked", entity=entity, st_id=st_id, mirror_id=mid)
+        linked += 1
+    return linked
 
 
 def _customer_mid(rec: Mapping[str, Any], customer_ids: dict[int, int] | None) -> int | None:

@@ -57,14 +57,14 @@ def test_migrate_then_status(config_file: Path, fresh_db: str) -> None:
     env = {"DB_URL": fresh_db}
     first = stsync("--config", str(config_file), "migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert 'schema "stsync" at revision 0009' in first.stdout
+    assert 'schema "stsync" at revision 0010' in first.stdout
     second = stsync("--config", str(config_file), "migrate", env=env)
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
     status = stsync("--config", str(config_file), "status", "--json", env=env)
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)
-    assert data["outbox"] == {"pending": 0, "in_flight": 0, "succeeded": 0, "dead": 0, "superseded": 0,
+    assert data["outbox"] == {"pending": 0, "in_flight": 0, "succeeded": 0, "dead": 0, "superseded": 0, "held": 0,
                               "discarded": 0}
     assert data["dead"] == 0 and data["last_pull_at"] is None
     human = stsync("--config", str(config_file), "status", env=env)

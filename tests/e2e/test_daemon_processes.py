@@ -9,7 +9,9 @@ import urllib.request
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
+from sync.sandbox import Fault
 from tests.e2ekit import Env, free_port, stop, wait_for
 from tests.pushkit import link_mirror, rows, sql
 
@@ -168,6 +170,37 @@ def test_process_killed_mid_dispatch_loses_nothing(e2e: Env) -> None:
     states = outbox_states(e2e)
     assert set(states) <= {"succeeded", "superseded"} and sum(states.values()) == n, states
     assert rows(e2e.engine, "SELECT count(*) FROM customers WHERE sync_status <> 'synced'") == [(0,)]
+
+
+@pytest.mark.slow
+def test_process_killed_while_creates_are_in_flight_creates_each_record_exactly_once(e2e: Env) -> None:
+    e2e.sb.seed(customers=2, locations=2, seed=4)
+    link_mirror(e2e.engine, e2e.sb)
+    e2e.sb.faults.add(Fault.late_answer(4000), endpoint="POST /customers")  # applied at once, answered late
+    names = [f"Kill Create {i}" for i in range(12)]
+    for name in names:
+        with e2e.engine.begin() as conn:
+            cid = conn.execute(text("INSERT INTO customers (name, type, street, city, state, zip, country) "
+                                    "VALUES (:n, 'Residential', '1 Main St', 'Springfield', 'IL', '62701', 'USA') "
+                                    "RETURNING id"), {"n": name}).scalar_one()
+            conn.execute(text("INSERT INTO locations (customer_id, name, street, city, state, zip, country) "
+                              "VALUES (:c, :n, '1 Main St', 'Springfield', 'IL', '62701', 'USA')"),
+                         {"c": cid, "n": name})
+    cfg = e2e.config()
+    proc = e2e.start(cfg)
+    wait_for(lambda: any(c["name"] in names for c in e2e.sb.customers()), 60, "a create to be applied")
+    stop(proc, signal.SIGKILL)  # its answers are still on their way: every applied create is unrecorded
+    assert outbox_states(e2e).get("in_flight", 0) > 0
+    proc2 = e2e.start(cfg)
+    try:
+        wait_for(lambda: quiet(e2e) and rows(e2e.engine, "SELECT count(*) FROM customers WHERE st_id IS NULL")
+                 == [(0,)], 120, "every create to land after the kill")
+    finally:
+        assert stop(proc2) == 0
+    made = sorted(c["name"] for c in e2e.sb.customers() if c["name"] in names)
+    assert made == sorted(names)  # exactly one record each
+    assert rows(e2e.engine, "SELECT count(*) FROM locations WHERE st_id IS NULL") == [(0,)]
+    assert len([loc for loc in e2e.sb.locations() if loc["name"] in names]) == len(names)
 
 
 def quiet(env: Env) -> bool:

@@ -338,11 +338,12 @@ def test_status_json_counts_match_the_tables(e2e: Env) -> None:
     counts = outbox_counts(e2e)
     assert counts == {"dead": 1, "pending": 1, "succeeded": 2}
     assert status["outbox"] == {s: counts.get(s, 0) for s in ("pending", "in_flight", "succeeded", "dead",
-                                                              "superseded", "discarded")}
+                                                              "superseded", "discarded", "held")}
     assert status["dead"] == 1
     assert status["oldest_pending_seconds"] is not None and status["oldest_pending_seconds"] >= 0
-    assert status["local_only"] == {"customer": 1, "location": 0}
-    assert rows(e2e.engine, "SELECT sync_status FROM customers WHERE st_id IS NULL") == [("local_only",)]
+    assert status["to_create"] == {"customer": 1, "location": 0} and status["waiting_for_location"] == 1
+    assert status["local_only"] == {"customer": 0, "location": 0}
+    assert rows(e2e.engine, "SELECT sync_status FROM customers WHERE st_id IS NULL") == [("waiting_for_location",)]
     assert status["tombstones"] == 1
     assert rows(e2e.engine, "SELECT entity, mirror_id, st_id FROM tombstones") == [("location", gone[0], gone[1])]
     assert status["conflicts"] == 0
@@ -356,7 +357,7 @@ def test_status_json_counts_match_the_tables(e2e: Env) -> None:
     text_out = ok(e2e.stsync(d.cfg, "status")).stdout
     assert "pending=1  in_flight=0  succeeded=2  dead=1  superseded=0" in text_out
     assert "dead rows:      1" in text_out
-    assert "local only:     customer=1  location=0" in text_out
+    assert "to create:      customer=1  location=0   (rows without st_id; 1 customer(s) waiting" in text_out
     assert "tombstones:     1" in text_out
 
 

@@ -89,7 +89,7 @@ from sync.db import shadow
 from sync.sandbox import Sandbox, create_app
 from sync.servicetitan.client import ApiResponse
 from sync.stages.dispatch import Claim
-from tests.conftest import TABLES, make_config
+from tests.conftest import make_config, reset_tables
 from tests.pushkit import link_mirror, rows, sql
 
 T = TypeVar("T")
@@ -100,7 +100,6 @@ EDITED = ("name", "do_not_mail", "city")
 OTHER_VALUES: dict[str, tuple[Any, ...]] = {"name": ("Acme", "Birch"), "city": ("Austin", "Boise")}
 COMPARED = tuple(f.column for f in FIELDS["customer"] if f.kind != "external_data")
 WRITABLE = tuple(f.column for f in FIELDS["customer"] if f.writable and f.kind != "external_data")
-TRUNCATE = f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"
 UNFINISHED = "SELECT count(*) FROM outbox WHERE state IN ('pending', 'in_flight', 'held', 'dead')"
 
 
@@ -384,7 +383,7 @@ class AnswersMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.engine = self.ENGINE
-        sql(self.engine, TRUNCATE)
+        reset_tables(self.engine)
         self.sb = Sandbox(tenant_id=1, rate_limit_per_second=None)
         self.sb.seed(customers=CUSTOMERS, locations=0, seed=SEED)
         linked = link_mirror(self.engine, self.sb)

@@ -55,7 +55,7 @@ from sync.core.merge import POLICIES
 from sync.daemon.service import Daemon
 from sync.db import mirror as records
 from sync.sandbox import Sandbox
-from tests.conftest import TABLES, make_config
+from tests.conftest import make_config, reset_tables
 from tests.pushkit import rows, sql, transport
 
 CUSTOMERS, LOCATIONS, SEED = 4, 2, 0  # seed 0: every customer has coordinates (an address PATCH needs them)
@@ -69,7 +69,6 @@ CUSTOM_TYPES: dict[Entity, tuple[int, ...]] = {"customer": (201, 202, 203), "loc
 COMPARED: dict[Entity, tuple[str, ...]] = {
     e: tuple(f.column for f in FIELDS[e] if f.kind != "external_data") for e in FIELDS}
 """Every column but external_data: the writable ones and the read-only ones (modified_on, balance, ...)."""
-TRUNCATE = f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"
 
 # ------------------------------------------------------------------------------------------------ operations
 
@@ -457,7 +456,7 @@ async def _run_example(engine: Engine, cfg: Config, ops: list[Op], strict_newest
 
 
 def _check(engine: Engine, database_url: str, policy: str, ops: list[Op], *, strict_newest: bool = False) -> Run:
-    sql(engine, TRUNCATE)
+    reset_tables(engine)
     cfg = make_config(database_url, sync={"conflict_policy": policy},
                       retry={"base_delay_seconds": 0.01, "max_delay_seconds": 0.05})
     return asyncio.run(_run_example(engine, cfg, ops, strict_newest))

@@ -25,7 +25,7 @@ from sync.sandbox import Sandbox, create_app
 from sync.servicetitan.client import ServiceTitanClient, _parse_body
 from sync.stages.pull import pull_feed
 from tests.chaos_kit import Tamper, raw
-from tests.conftest import TABLES, make_config
+from tests.conftest import make_config, reset_tables
 
 TOKEN = "fuzz-token-1"
 
@@ -97,8 +97,7 @@ def test_an_arbitrary_export_page_never_wedges_the_feed_longer(migrated_engine: 
 
 
 def _pull_page_and_check(engine: Engine, database_url: str, data: list[Any]) -> None:
-    with engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+    reset_tables(engine)
     cfg = make_config(database_url)
 
     async def go() -> dict[str, Any]:

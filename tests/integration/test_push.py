@@ -226,12 +226,12 @@ def test_unknown_record_404_is_dead_and_marks_row(engine: Engine, cfg: Config, s
     assert rows(engine, "SELECT sync_status FROM customers WHERE st_id = 99999999") == [("error",)]
 
 
-def test_local_insert_without_st_id_is_local_only_and_not_sent(engine: Engine, cfg: Config, sb: Sandbox,
-                                                               linked: dict[int, int]) -> None:
+def test_a_customer_inserted_without_a_location_waits_and_sends_nothing(engine: Engine, cfg: Config, sb: Sandbox,
+                                                                         linked: dict[int, int]) -> None:
     sql(engine, "INSERT INTO customers (name, type) VALUES ('Walk-in', 'Residential')")
     run_cycle(engine, cfg, sb)
-    assert patches(sb) == []
-    assert rows(engine, "SELECT sync_status FROM customers WHERE st_id IS NULL") == [("local_only",)]
+    assert patches(sb) == [] and [r for r in sb.requests if r.method == "POST" and "/connect/" not in r.path] == []
+    assert rows(engine, "SELECT sync_status FROM customers WHERE st_id IS NULL") == [("waiting_for_location",)]
 
 
 def test_local_delete_is_tombstoned_not_propagated(engine: Engine, cfg: Config, sb: Sandbox,
