@@ -76,6 +76,7 @@ class Scenario:
     def __init__(self, engine: Engine, sb: Sandbox, say: Printer) -> None:
         self.engine, self.sb, self.say = engine, sb, say
         self.i = 0
+        self.created: list[int] = []
 
     def _sql(self, statement: str, **params: Any) -> None:
         with self.engine.begin() as conn:
@@ -90,12 +91,24 @@ class Scenario:
 
     def step(self) -> None:
         n, self.i = self.i, self.i + 1
-        pick = self._pick("customers", (n * 7) % 25)
-        loc = self._pick("locations", (n * 5) % 25)
-        if pick is None or loc is None:
+        if self._pick("locations", 0) is None:
             return  # initial load not finished yet
+        kind = (0, 6, 1, 7, 2, 3, 4, 8, 5)[n % 9]
+        if kind == 6:
+            self.create(n)
+            return
+        if kind == 7:
+            self.mass_delete()
+            return
+        if kind == 8:
+            self.linked_report()
+            self.undo_mass_delete()
+            return
+        pick = self._pick("customers", (n * 7) % 25) or self._pick("customers", n % 5)
+        loc = self._pick("locations", (n * 5) % 25) or self._pick("locations", n % 5)
+        if pick is None or loc is None:
+            return
         mid, st_id = pick
-        kind = n % 6
         if kind == 0:
             name = f"Renamed Customer {n}"
             self.say("local", f"UPDATE customers SET name = '{name}' WHERE id = {mid}", "yellow")
@@ -128,25 +141,75 @@ class Scenario:
             self._sql("UPDATE customers SET type = 'Alien' WHERE id = :m", m=mid)
 
 
-def _poll(engine: Engine, last_conflict: int, last_dead: int) -> tuple[list[Any], list[Any]]:
+    def create(self, n: int) -> None:
+        name = f"New Customer {n}"
+        self.say("local", f"INSERT INTO customers (name, ...) VALUES ('{name}', ...) and a location for it, in one "
+                          "transaction  (created in ServiceTitan with one POST)", "yellow")
+        with self.engine.begin() as conn:
+            cid = conn.execute(text("INSERT INTO customers (name, type, street, city, state, zip, country, latitude, "
+                                    "longitude) VALUES (:n, 'Residential', '12 Elm St', 'Dayton', 'OH', '45402', "
+                                    "'USA', 39.76, -84.19) RETURNING id"), {"n": name}).scalar_one()
+            conn.execute(text("INSERT INTO locations (customer_id, name, street, city, state, zip, country) "
+                              "VALUES (:c, :n, '12 Elm St', 'Dayton', 'OH', '45402', 'USA')"), {"c": cid, "n": name})
+        self.created.append(int(cid))
+
+    def linked_report(self) -> None:
+        waiting = []
+        with self.engine.connect() as conn:
+            for cid in self.created:
+                st = conn.execute(text("SELECT st_id FROM customers WHERE id = :c"), {"c": cid}).scalar_one_or_none()
+                if st is None:
+                    waiting.append(cid)
+                else:
+                    self.say("create", f"customers row {cid} is ServiceTitan customer {st} (st_id written back)",
+                             "green")
+        self.created = waiting
+
+    def mass_delete(self) -> None:
+        with self.engine.connect() as conn:
+            held = conn.execute(text("SELECT count(*) FROM outbox WHERE state = 'held'")).scalar_one()
+        if held:
+            return
+        self.say("local", "DELETE FROM locations WHERE id IN (the last 8)  (more than sync.max_deletes_per_cycle: "
+                          "held, none sent)", "yellow")
+        self._sql("DELETE FROM locations WHERE id IN (SELECT id FROM locations WHERE st_id IS NOT NULL "
+                  "ORDER BY id DESC LIMIT 8)")
+
+    def undo_mass_delete(self) -> None:
+        from sync.commands import outbox as outbox_admin  # the operator's `stsync outbox discard --held`
+
+        with self.engine.begin() as conn:
+            n = outbox_admin.discard_held(conn)
+        if n:
+            self.say("operator", f"stsync outbox discard --held  ({n} held deletes dropped, the rows are back)",
+                     "blue")
+
+
+def _poll(engine: Engine, last_conflict: int, last_dead: int) -> tuple[list[Any], list[Any], int]:
     with engine.connect() as conn:
-        return conflicts.since(conn, last_conflict), outbox.dead_since(conn, last_dead)
+        return (conflicts.since(conn, last_conflict), outbox.dead_since(conn, last_dead),
+                outbox.count_by_state(conn)["held"])
 
 
 async def _report(engine: Engine, sb: Sandbox, say: Printer, stop: asyncio.Event) -> None:
     seen_requests = 0
     last_conflict = 0
     last_dead = 0
+    last_held = 0
     while not stop.is_set():
         log = sb.requests
         for r in list(log)[seen_requests:]:
-            if r.method == "PATCH":
+            if r.method in ("PATCH", "POST") and "/connect/" not in r.path:
                 color = "green" if 200 <= r.status < 300 else "red"
                 path = "/" + r.path.split("/tenant/", 1)[-1].split("/", 1)[-1]
-                say("push", f"PATCH {path} -> {r.status}  {_short(r.body)}", color)
+                say("push", f"{r.method} {path} -> {r.status}  {_short(r.body)}", color)
         seen_requests = len(log)
 
-        conflicts, dead = await asyncio.to_thread(_poll, engine, last_conflict, last_dead)
+        conflicts, dead, held = await asyncio.to_thread(_poll, engine, last_conflict, last_dead)
+        if held and held != last_held:
+            say("guard", f"{held} deletes held by the mass-delete guard: nothing sent; `stsync outbox release --held` "
+                         "sends them, `stsync outbox discard --held` puts the rows back", "red")
+        last_held = held
         for cid, entity, st_id, field, local, remote, outcome in conflicts:
             say("conflict", f"{entity} {st_id} {field}: local {json.dumps(local)} vs remote {json.dumps(remote)} "
                             f"-> {outcome} wins", "red")
@@ -163,7 +226,8 @@ def demo_config(database_url: str, api_url: str) -> Config:
         "database": {"url": database_url, "schema": "stsync"},
         "servicetitan": {"tenant_id": 1, "client_id": "sandbox-client", "client_secret": "sandbox-secret",
                          "app_key": "sandbox-app-key", "application_guid": GUID, "api_base_url": api_url},
-        "sync": {"push_interval_seconds": 1, "pull_interval_seconds": 2, "conflict_policy": "remote_wins"},
+        "sync": {"push_interval_seconds": 1, "pull_interval_seconds": 2, "conflict_policy": "remote_wins",
+                 "local_deletes": "propagate", "max_deletes_per_cycle": 5},
         "retry": {"base_delay_seconds": 2, "max_delay_seconds": 10},
         "logging": {"level": "ERROR", "format": "console"},
     }, "<demo>", env={})

@@ -97,7 +97,8 @@ def writer(url: str, index: int, writers: int, duration: float, max_edits: int, 
     """A local application: edits the mirror rows it owns (mirror id % writers == index) with plain SQL.
 
     Every transaction changes 1-3 rows (names; customers sometimes also ``do_not_service``), a few stay open
-    for a second before committing (late commits). A write whose commit failed (the database went away) is
+    for a second before committing (late commits); a few percent insert a new customer with its location
+    instead (``inserts``: each is created in ServiceTitan exactly once). A write whose commit failed (the database went away) is
     recorded as uncertain; before exiting, every record whose last write is uncertain is written once more, so
     the last write of every record is known to be committed. Writes go to ``out`` as JSON.
     """
@@ -113,6 +114,7 @@ def writer(url: str, index: int, writers: int, duration: float, max_edits: int, 
         locations = [r[0] for r in cur.fetchall()]
     conn.commit()
     writes: list[dict[str, Any]] = []
+    inserts: list[dict[str, Any]] = []
     seq = 0
     transactions = failures = late = 0
     end = time.monotonic() + duration
@@ -143,7 +145,33 @@ def writer(url: str, index: int, writers: int, duration: float, max_edits: int, 
             writes.append({**it, "certain": ok, "t0": started, "t1": done})
         return ok
 
+    def insert_transaction(name: str) -> None:
+        nonlocal conn, failures
+        try:
+            with conn.cursor() as cur:
+                cur.execute("INSERT INTO stsync.customers (name, type, street, city, state, zip, country, latitude, "
+                            "longitude) VALUES (%s, 'Residential', '9 New St', 'Austin', 'TX', '73301', 'USA', 30.2, "
+                            "-97.7) RETURNING id", (name,))
+                row = cur.fetchone()
+                assert row is not None
+                cur.execute("INSERT INTO stsync.locations (customer_id, name, street, city, state, zip, country) "
+                            "VALUES (%s, %s, '9 New St', 'Austin', 'TX', '73301', 'USA')", (row[0], name))
+            conn.commit()
+            ok = True
+        except psycopg.Error:
+            failures += 1
+            ok = False
+            with suppress(psycopg.Error):
+                conn.close()
+            conn = _connect(dsn, time.monotonic() + 120)
+        inserts.append({"name": name, "certain": ok})
+
     while time.monotonic() < end and seq < max_edits:
+        if rng.random() < 0.03:
+            seq += 1
+            transactions += 1
+            insert_transaction(f"new-w{index}-{seq:06d}")
+            continue
         items = []
         for _ in range(rng.choice((1, 1, 2, 3))):
             table = "customers" if (rng.random() < 0.65 or not locations) else "locations"
@@ -175,8 +203,8 @@ def writer(url: str, index: int, writers: int, duration: float, max_edits: int, 
             if one_transaction([item], 0.0):
                 break
     conn.close()
-    Path(out).write_text(json.dumps({"writes": writes, "transactions": transactions, "failures": failures,
-                                     "late_commits": late}))
+    Path(out).write_text(json.dumps({"writes": writes, "inserts": inserts, "transactions": transactions,
+                                     "failures": failures, "late_commits": late}))
 
 
 # ---------------------------------------------------------------------------------------------- transports

@@ -213,6 +213,9 @@ def run_chaos(tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
                 sb.faults.add(Fault.rate_limited(2.0, "http-date"), times=10, skip=200, method="PATCH")
                 sb.faults.add(Fault.dropped(after_apply=True), times=10, skip=300, method="PATCH")
                 sb.faults.add(Fault.server_error(503, after_apply=True), times=10, skip=400, method="PATCH")
+                # creates whose answers are lost after ServiceTitan made the record (re-sent: looked up first)
+                sb.faults.add(Fault.dropped(after_apply=True), times=3, skip=2, endpoint="POST /customers")
+                sb.faults.add(Fault.server_error(503, after_apply=True), times=3, skip=8, endpoint="POST /customers")
 
                 daemon = env.start(cfg, log_name="chaos")
                 for p in procs:
@@ -294,10 +297,12 @@ def judge(engine: Engine, sb: Sandbox, tmp_path: Path, outs: list[Path], editor:
           mirror_ids: dict[tuple[str, int], int], st_of: dict[tuple[str, int], tuple[str, int]],
           initial_dns: dict[tuple[str, int], bool], figures: dict[str, Any], problems: dict[str, Any]) -> None:
     writes: list[dict[str, Any]] = []
+    inserts: list[dict[str, Any]] = []
     wstats: Counter[str] = Counter()
     for o in outs:
         data = json.loads(o.read_text())
         writes.extend(data["writes"])
+        inserts.extend(data["inserts"])
         wstats.update({k: data[k] for k in ("transactions", "failures", "late_commits")})
 
     # every outbox row ended; dead rows carry their reason and did not die of 429s
@@ -373,15 +378,41 @@ def judge(engine: Engine, sb: Sandbox, tmp_path: Path, outs: list[Path], editor:
     if lost:
         problems["writes_lost"] = lost
 
+    # every inserted row became exactly one ServiceTitan record (linked), or is dead with a reason; never two
+    made = Counter(c["name"] for c in sb.customers() if str(c["name"]).startswith("new-"))
+    made_locations = Counter(loc["name"] for loc in sb.locations() if str(loc["name"]).startswith("new-"))
+    local = {n: (st, status, err) for n, st, status, err in q(
+        engine, "SELECT name, st_id, sync_status, sync_error FROM customers WHERE name LIKE 'new-%'")}
+    duplicates = {n: k for n, k in (made + made_locations).items() if k > 1}
+    if duplicates:
+        problems["duplicate_creates"] = duplicates
+    for ins in inserts:
+        row = local.get(ins["name"])
+        if row is None:
+            if ins["certain"] or made[ins["name"]]:
+                problems.setdefault("inserted_rows_missing", []).append(ins["name"])
+            continue
+        st, status, err = row
+        linked = st is not None and made[ins["name"]] == 1 and made_locations[ins["name"]] == 1
+        if not linked and not (status == "error" and err):
+            problems.setdefault("inserted_rows_not_linked", []).append((ins["name"], st, status))
+    figures["inserts"] = {"rows": len(inserts), "uncertain": sum(not i["certain"] for i in inserts),
+                          "created": sum(made.values()), "linked": sum(1 for v in local.values() if v[0]),
+                          "dead": sum(1 for v in local.values() if v[1] == "error")}
+
     log = sb.requests
     patches = [r for r in log if r.method == "PATCH"]
     back = regressions(log)
     if back:
         problems["later_state_overwritten_by_earlier"] = back
     overlaps = overlapping_requests(log)
+    now_ids = dict(mirror_ids)  # and the rows created meanwhile
+    for e in ("customer", "location"):
+        now_ids.update({(e, st): m for st, m in q(engine, f"SELECT st_id, id FROM {NAMES[e].table} "
+                                                          "WHERE st_id IS NOT NULL")})
     for r in patches:  # each PATCHed record points back at its mirror row
         if r.applied and sb.external_data(r.entity, r.record_id).get(GUID, {}).get("mirrorId") != str(
-                mirror_ids[(str(r.entity), r.record_id)]):
+                now_ids.get((str(r.entity), r.record_id))):
             problems.setdefault("wrong_mirror_id_in_external_data", []).append(r.record_id)
 
     faults = Counter(r.fault for r in log if r.fault)
@@ -411,7 +442,8 @@ def judge(engine: Engine, sb: Sandbox, tmp_path: Path, outs: list[Path], editor:
             "outbox.leases_reclaimed", "daemon.database_unreachable", "dispatch.failed", "pull.failed",
             "detect.failed", "workers.failed", "outbox.send_crashed", "outbox.lease_lost", "listen.disconnected",
             "outbox.released_on_stop", "outbox.claim_lost_before_send", "outbox.answer_older_than_known",
-            "outbox.answer_not_a_record") if events_in_logs[k]},
+            "outbox.answer_not_a_record", "outbox.create_found", "pull.record_of_ours_linked",
+            "outbox.created_not_linked") if events_in_logs[k]},
     })
 
 
