@@ -289,18 +289,38 @@ def detect_all(engine: Engine, cfg: Config) -> DetectResult:
 
 
 def preview_in(conn: Connection, cfg: Config) -> list[dict[str, Any]]:
-    """Dry run: the requests that would be sent now (pending outbox rows and undrained changes), on the caller's
-    connection (after its read-only pull, in the same transaction, which the caller rolls back)."""
+    """Dry run: the requests that would be sent now (pending outbox rows and undrained changes: PATCHes and the
+    creates of rows without ``st_id``), on the caller's connection (after its read-only pull, in the same
+    transaction, which the caller rolls back). Deletes are not predicted (``stsync outbox list --state held``
+    shows those the guard holds)."""
     out: list[dict[str, Any]] = []
     settings = cfg.patch_settings()
+    wanted = {e: changelog.ids_undrained(conn, e) | outbox.ids_pending(conn, e) for e in ENTITIES}
+    wanted["customer"] |= mirror.new_customers_of(conn, wanted["location"])
     for entity in ENTITIES:
-        ids = changelog.ids_undrained(conn, entity) | outbox.ids_pending(conn, entity)
+        ids = wanted[entity]
         rows = mirror.load_mirror(conn, entity, ids)
         shadows = shadow.load_shadows(conn, entity, rows)
         possibly_applied = outbox.unconfirmed_for(conn, entity, list(rows))
+        new = {m: r for m, r in rows.items() if r.st_id is None}
+        new_locations = mirror.new_locations_of(conn, new) if entity == "customer" and new else {}
         for mid in sorted(rows):
             row, base = rows[mid], shadows.get(mid)
-            if row.st_id is None or base is None:
+            if row.st_id is None:
+                create: Patch | None = None
+                if entity == "customer" and new_locations.get(mid):
+                    create = build_customer_create(row.record, mid, new_locations[mid],
+                                                   application_guid=settings.application_guid,
+                                                   mirror_id_key=settings.mirror_id_key)
+                elif entity == "location" and row.record.get(CUSTOMER_LINK) is not None:
+                    create = build_location_create(row.record, mid, application_guid=settings.application_guid,
+                                                   mirror_id_key=settings.mirror_id_key)
+                if create is not None:  # (a customer alone waits; a new customer's location rides in its POST)
+                    out.append({"entity": entity, "mirror_id": mid, "st_id": None, "method": "POST",
+                                "path": f"/{NAMES[entity].collection}", "body": create.body,
+                                "valid": create.valid, "problems": create.problems})
+                continue
+            if base is None:
                 continue
             unconfirmed = [v for stored in possibly_applied.get(mid, ()) for v in unconfirmed_versions(stored)]
             _, patch = plan_record(settings, entity, mid, row.record, base, unconfirmed)

@@ -383,7 +383,8 @@ def judge(engine: Engine, sb: Sandbox, tmp_path: Path, outs: list[Path], editor:
     made_locations = Counter(loc["name"] for loc in sb.locations() if str(loc["name"]).startswith("new-"))
     local = {n: (st, status, err) for n, st, status, err in q(
         engine, "SELECT name, st_id, sync_status, sync_error FROM customers WHERE name LIKE 'new-%'")}
-    duplicates = {n: k for n, k in (made + made_locations).items() if k > 1}
+    duplicates = {f"{kind} {n}": k for kind, counted in (("customer", made), ("location", made_locations))
+                  for n, k in counted.items() if k > 1}
     if duplicates:
         problems["duplicate_creates"] = duplicates
     for ins in inserts:

@@ -54,6 +54,25 @@ def test_once_dry_run_sends_nothing_and_prints_exact_bodies(e2e: Env) -> None:
     assert rows(e2e.engine, "SELECT count(*) FROM change_log") == [(1,)]  # state untouched
 
 
+def test_once_dry_run_predicts_a_create_and_creates_nothing(e2e: Env) -> None:
+    e2e.sb.seed(customers=2, locations=2, seed=1)
+    link_mirror(e2e.engine, e2e.sb)
+    with e2e.engine.begin() as conn:
+        cid = conn.execute(text("INSERT INTO customers (name, type, street, city, state, zip, country) VALUES "
+                                "('Dry New Co', 'Residential', '1 A St', 'Reno', 'NV', '89501', 'USA') "
+                                "RETURNING id")).scalar_one()
+        conn.execute(text("INSERT INTO locations (customer_id, name, street, city, state, zip, country) VALUES "
+                          "(:c, 'Dry New Site', '1 A St', 'Reno', 'NV', '89501', 'USA')"), {"c": cid})
+    before = len(e2e.sb.customers())
+    proc = e2e.stsync(e2e.config(), "once", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    (req,) = json.loads(proc.stdout)["dispatch"]["requests"]
+    assert (req["method"], req["path"], req["valid"]) == ("POST", "/customers", True)
+    assert [loc["name"] for loc in req["body"]["locations"]] == ["Dry New Site"]
+    assert len(e2e.sb.customers()) == before
+    assert rows(e2e.engine, "SELECT st_id FROM customers WHERE id = :c", c=cid) == [(None,)]
+
+
 def test_once_pushes_and_exits_0(e2e: Env) -> None:
     e2e.sb.seed(customers=5, locations=5, seed=1)
     link_mirror(e2e.engine, e2e.sb)
