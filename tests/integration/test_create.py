@@ -171,3 +171,32 @@ def test_a_record_made_by_hand_with_our_external_data_links_to_its_row(
     pull_cycle(engine, cfg, sb)
     assert rows(engine, "SELECT st_id, name FROM customers WHERE id = :c", c=cid) == [(made["id"], "By Hand (office)")]
     assert rows(engine, "SELECT count(*) FROM customers WHERE st_id = :s", s=made["id"]) == [(1,)]
+
+
+def test_a_create_reclaimed_from_a_killed_worker_is_looked_up_not_sent_again(
+        engine: Engine, cfg: Config, sb: Sandbox, linked: dict[int, int]) -> None:
+    import asyncio
+
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
+    from tests.pushkit import transport
+
+    cid, lids = insert_customer(engine, "Killed Mid Create", locations=1)
+    detect_all(engine, cfg)
+
+    async def send_and_die() -> None:  # the POST goes out and is applied; the worker dies before the answer counts
+        async with ServiceTitanClient(cfg.servicetitan, transport=transport(sb)) as client:
+            worker = Dispatcher(engine, client, cfg, "doomed")
+            (claim,) = worker.claim(1)
+            assert claim.operation == "create"
+            resp = await client.post("customers", claim.body)
+            assert resp.status == 200
+
+    asyncio.run(send_and_die())
+    sql(engine, "UPDATE outbox SET lease_expires_at = now() - interval '1 second', sent_at = now() - interval '1 hour'")
+    drain(engine, cfg, sb)  # another worker reclaims the row: possibly applied, so it looks the record up first
+    [created] = named(sb, "Killed Mid Create")
+    assert len(posts(sb, "/customers")) == 1
+    assert rows(engine, "SELECT st_id FROM customers WHERE id = :c", c=cid) == [(created["id"],)]
+    assert rows(engine, "SELECT st_id IS NOT NULL FROM locations WHERE id = :l", l=lids[0]) == [(True,)]
