@@ -13,8 +13,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine
 
+from sync.core.fields import ENTITIES
 from sync.core.retry import Outcome
-from sync.db import changelog, cursors, outbox, quarantine
+from sync.db import changelog, cursors, mirror, outbox, quarantine, tombstones
 from sync.servicetitan.client import ApiResponse
 from sync.servicetitan.ratelimit import RateLimiter
 
@@ -76,6 +77,12 @@ class _DatabaseCollector:
                                        labels=["feed"])
         held = GaugeMetricFamily("stsync_quarantined_records", "Feed records that could not be stored",
                                  labels=["entity"])
+        to_create = GaugeMetricFamily("stsync_rows_to_create", "Mirror rows without st_id (to create in ServiceTitan, "
+                                      "waiting for a location, or dead with a reason)", labels=["entity"])
+        waiting = GaugeMetricFamily("stsync_customers_waiting_for_location",
+                                    "New customers that wait for a location before they can be created")
+        truncated = GaugeMetricFamily("stsync_truncations_unrestored",
+                                      "TRUNCATEs of a mirror table the pull has not restored yet", labels=["entity"])
         up = GaugeMetricFamily("stsync_database_up", "1 when the database answered this scrape")
         try:
             with self.engine.connect() as conn:
@@ -84,12 +91,16 @@ class _DatabaseCollector:
                 oldest.add_metric([], outbox.oldest_pending_seconds(conn) or 0.0)
                 push_lag.add_metric([], changelog.push_lag_seconds(conn) or 0.0)
                 kept = quarantine.count(conn)
-                for entity in ("customer", "location"):
+                cut = tombstones.truncations_unrestored(conn)
+                for entity in ENTITIES:
                     held.add_metric([entity], kept.get(entity, 0))
+                    to_create.add_metric([entity], mirror.count_to_create(conn, entity))
+                    truncated.add_metric([entity], cut.get(entity, 0))
+                waiting.add_metric([], mirror.count_by_status(conn, "customer", "waiting_for_location"))
                 for c in cursors.all_cursors(conn):
                     pull_lag.add_metric([c["feed"]], float(c["pull_age_s"] or 0))
                     cursor_age.add_metric([c["feed"]], float(c["moved_age_s"] or 0))
             up.add_metric([], 1)
         except Exception:
             up.add_metric([], 0)
-        yield from (depth, oldest, push_lag, pull_lag, cursor_age, held, up)
+        yield from (depth, oldest, push_lag, pull_lag, cursor_age, held, to_create, waiting, truncated, up)
