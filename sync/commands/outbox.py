@@ -6,16 +6,21 @@ import json
 from typing import Any
 
 from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
 
 from sync.core.diff import sent_values
 from sync.core.fields import BY_COLUMN, CUSTOMER_LINK, Entity, db_column, equal
-from sync.db import attempts, mirror, outbox, shadow, tombstones
+from sync.db import attempts, changelog, mirror, outbox, shadow, tombstones
 from sync.db import conflicts as conflicts_table
 from sync.db.engine import bypass_triggers, notify
 from sync.errors import StsyncError
 from sync.log import get_logger
 
 log = get_logger("stsync.outbox")
+
+
+class _NotRestored(Exception):
+    """A held delete's row could not be put back (no tombstone, or a row with its id or st_id exists)."""
 
 
 def _iso(v: Any) -> Any:
@@ -105,8 +110,12 @@ def discard(conn: Connection, outbox_id: int) -> list[str]:
 
 def release_held(conn: Connection) -> int:
     """Send every held row (the mass-delete guard's): pending, due now."""
-    ids = [oid for oid, _, _ in outbox.held_ids_locked(conn)]
-    n = outbox.release_held(conn, ids)
+    held = outbox.held_ids_locked(conn)
+    for _, entity, mirror_id in held:
+        # the row is deleted: a change of it still queued (e.g. an update requeued after a lost answer) is moot,
+        # and only one row per record may wait pending
+        outbox.supersede_pending(conn, entity, [mirror_id])
+    n = outbox.release_held(conn, [oid for oid, _, _ in held])
     log.info("outbox.held_released", count=n)
     notify(conn, "release")
     return n
@@ -120,9 +129,17 @@ def discard_held(conn: Connection) -> int:
     # customers first: a location's row refers to its customer's
     for oid, name, mirror_id in sorted(held, key=lambda h: (h[1] != "customer", h[0])):
         entity: Entity = "customer" if name == "customer" else "location"
-        old = tombstones.take_back(conn, entity, mirror_id)
-        if old is None or not mirror.restore(conn, entity, old):
+        restored = False
+        try:
+            with conn.begin_nested():  # one row the database refuses (its customer is gone) never blocks the rest
+                old = tombstones.take_back(conn, entity, mirror_id)
+                restored = old is not None and mirror.restore(conn, entity, old)
+                if not restored:
+                    raise _NotRestored
+        except (_NotRestored, IntegrityError):
             log.warning("outbox.held_row_not_restored", outbox_id=oid, entity=entity, mirror_id=mirror_id)
+        if restored:  # unsent edits it carried when deleted still differ from the shadow: detect sends them
+            changelog.log_recheck(conn, entity, [mirror_id])
         outbox.discard(conn, oid)
     log.info("outbox.held_discarded", count=len(held))
     return len(held)

@@ -150,6 +150,22 @@ def sent_diff(sent: Mapping[str, Any]) -> Diff:
     return {c: [None, v] for c, v in sent.items()}
 
 
+def create_diff(entity: Entity, body: Mapping[str, Any], record: Mapping[str, Any],
+                locations: Mapping[int, Mapping[str, Any]] | None = None,
+                mirror_id_key: str = "mirrorId") -> dict[str, Any]:
+    """A create's ``outbox.diff``: ``sent_diff`` of the record, and for a customer's create ``locations``:
+    {mirror id (text): what it carried of that location} (``sync.core.diff.sent_values`` passes it through), so
+    that a create whose answer was lost knows what each new location was created from, and which rows it
+    carried (a location's own create looks the record up first when a create that carried it may have been
+    applied)."""
+    out: dict[str, Any] = dict(sent_diff(sent_values(entity, body, record, mirror_id_key=mirror_id_key)))
+    if entity == "customer":
+        bodies = dict(zip(new_location_ids(body, mirror_id_key), body.get("locations") or [], strict=False))
+        out["locations"] = {str(m): sent_values("location", b, (locations or {}).get(m, {}),
+                                                mirror_id_key=mirror_id_key) for m, b in bodies.items()}
+    return out
+
+
 def mirror_id_of(api_record: Mapping[str, Any], mirror_id_key: str = "mirrorId") -> int | None:
     """The mirror id our ``externalData`` entry names on a ServiceTitan record (an answer or a list row asked
     with our application guid), or None."""

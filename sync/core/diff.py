@@ -20,11 +20,13 @@ def _same(kind: Any, a: Any, b: Any) -> bool:
 
 def sent_values(diff: Any, local: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A stored diff ({column: [shadow value, mirror value]}, outbox.diff) as {column: value being sent}; an
-    entry not in that form takes ``local``'s value for the column."""
+    entry not in that form takes ``local``'s value for the column. A create's ``locations`` (what it carried of
+    each new location: ``sync.core.create.create_diff``) is passed through."""
     if not isinstance(diff, Mapping):
         return {}
     local = local or {}
-    return {c: (v[1] if isinstance(v, list) and len(v) == 2 else local.get(c)) for c, v in diff.items()}
+    return {c: (v[1] if isinstance(v, list) and len(v) == 2
+                else v if c == "locations" and isinstance(v, Mapping) else local.get(c)) for c, v in diff.items()}
 
 
 def unconfirmed_versions(stored: Any) -> list[dict[str, Any]]:

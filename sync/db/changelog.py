@@ -70,6 +70,12 @@ def ids_undrained(conn: Connection, entity: str) -> set[int]:
         text("SELECT mirror_id FROM change_log WHERE entity = :e AND op <> 'D'"), {"e": entity})}
 
 
+def pending_deletes(conn: Connection) -> int:
+    """Deletes not drained yet of rows that have a ServiceTitan record (what the mass-delete guard counts)."""
+    return int(conn.execute(text("SELECT count(*) FROM change_log WHERE op = 'D' AND old_row->>'st_id' IS NOT NULL"))
+               .scalar_one())
+
+
 def backlog(conn: Connection) -> int:
     return int(conn.execute(text("SELECT count(*) FROM change_log")).scalar_one())
 

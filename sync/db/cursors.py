@@ -37,6 +37,12 @@ def store(conn: Connection, feed: str, *, continue_from: str | None, drained: bo
     )
 
 
+def restart(conn: Connection, feed: str) -> None:
+    """The feed is read again from the beginning (a mirror table was emptied by TRUNCATE)."""
+    conn.execute(text("UPDATE feed_cursors SET continue_from = NULL, initial_load_done = false, updated_at = now() "
+                      "WHERE feed = :f"), {"f": feed})
+
+
 def all_cursors(conn: Connection) -> list[dict[str, Any]]:
     """Every feed's row, with the seconds since its last pull and since its token moved."""
     return [dict(r) for r in conn.execute(text(

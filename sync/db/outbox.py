@@ -168,9 +168,37 @@ def set_body(conn: Connection, outbox_id: int, payload: Any, diff: Any, st_id: i
                  {"id": outbox_id, "p": json.dumps(payload), "d": json.dumps(diff), "s": st_id, "o": operation})
 
 
-def payload_of(conn: Connection, outbox_id: int) -> Any:
-    """The body the row last carried (a create's: what an earlier attempt sent)."""
-    return conn.execute(text("SELECT payload FROM outbox WHERE id = :id"), {"id": outbox_id}).scalar_one_or_none()
+_MAYBE_SENT = "(o.attempts > 0 OR o.unconfirmed IS NOT NULL OR o.sent_at IS NOT NULL)"
+"""SQL over ``outbox o``: a row whose request may have gone out (answered or not)."""
+
+
+def create_maybe_sent(conn: Connection, entity: str, mirror_id: int, *, except_id: int) -> bool:
+    """A create of this record may have reached ServiceTitan before: one of its create rows (any state) may have
+    been sent, or, for a location, a customer's create that carried it. Then a create is looked up first."""
+    return conn.execute(text(f"""SELECT EXISTS (SELECT 1 FROM outbox o WHERE o.operation = 'create' AND {_MAYBE_SENT}
+                                 AND ((o.entity = :e AND o.mirror_id = :m AND o.id <> :x)
+                                      OR (:e = 'location' AND o.entity = 'customer'
+                                          AND o.diff -> 'locations' ? CAST(:m AS text))))"""),
+                        {"e": entity, "m": mirror_id, "x": except_id}).scalar_one() is True
+
+
+def carried_in_flight(conn: Connection, location_id: int) -> bool:
+    """A customer's create that carries this new location is in flight right now."""
+    return conn.execute(text("""SELECT EXISTS (SELECT 1 FROM outbox WHERE entity = 'customer' AND operation = 'create'
+                                AND state = 'in_flight' AND diff -> 'locations' ? CAST(:m AS text))"""),
+                        {"m": location_id}).scalar_one() is True
+
+
+def clear_unconfirmed(conn: Connection, entity: str, mirror_id: int) -> None:
+    """The record was linked from ServiceTitan's own version: what earlier create attempts sent is settled (kept,
+    it would be PATCHed again as a revert after the mirror took ServiceTitan's form of it)."""
+    conn.execute(text("""UPDATE outbox SET unconfirmed = NULL WHERE entity = :e AND mirror_id = :m
+                         AND state IN ('pending', 'in_flight')"""), {"e": entity, "m": mirror_id})
+
+
+def queue_delete(conn: Connection, entity: str, mirror_id: int, st_id: int, body: Any) -> None:
+    """A deactivation of a record whose mirror row is gone (``sync.local_deletes: propagate``)."""
+    upsert_pending(conn, entity, [{"m": mirror_id, "s": st_id, "p": body, "d": {}, "t": None, "o": "delete"}])
 
 
 def supersede_claimed(conn: Connection, outbox_id: int) -> None:
@@ -227,12 +255,32 @@ def succeed(conn: Connection, outbox_id: int, *, attempts: int, status: int, st_
                  {"id": outbox_id, "a": attempts, "s": status, "st": st_id})
 
 
-def fail_dead(conn: Connection, outbox_id: int, *, attempts: int, status: int | None, error: str) -> None:
-    """A permanent failure: the row ends dead with ServiceTitan's body (``error``, JSON text)."""
+def fail_dead(conn: Connection, outbox_id: int, *, attempts: int, status: int | None, error: str,
+              unconfirmed: str | None = None) -> None:
+    """A permanent failure: the row ends dead with ServiceTitan's body (``error``, JSON text). ``unconfirmed``
+    (a JSON array of one body): the last attempt's answer was lost, so it may have been applied; kept for an
+    operator's retry (a create is then looked up first)."""
     conn.execute(text(f"""UPDATE outbox SET state = 'dead', attempts = :a, last_status = :s,
                          last_error = CAST(:e AS jsonb), completed_at = now(), updated_at = now(),
+                         unconfirmed = CASE WHEN CAST(:u AS jsonb) IS NULL THEN unconfirmed
+                                            ELSE {_as_list('unconfirmed')} || CAST(:u AS jsonb) END,
                          {_RELEASE_LEASE} WHERE id = :id"""),
-                 {"id": outbox_id, "a": attempts, "s": status, "e": error})
+                 {"id": outbox_id, "a": attempts, "s": status, "e": error, "u": unconfirmed})
+
+
+def carried_versions(conn: Connection, location_id: int) -> list[dict[str, Any]]:
+    """What customers' creates that carried this new location and may have been sent carried of it (their last
+    body, and the bodies of attempts whose answers were lost)."""
+    out: list[dict[str, Any]] = []
+    for diff, unconfirmed in conn.execute(text(f"""
+            SELECT o.diff, o.unconfirmed FROM outbox o WHERE o.entity = 'customer' AND o.operation = 'create'
+            AND {_MAYBE_SENT} AND o.diff -> 'locations' ? CAST(:m AS text) ORDER BY o.id"""), {"m": location_id}):
+        key = str(location_id)
+        for version in [diff, *(unconfirmed if isinstance(unconfirmed, list) else [unconfirmed])]:
+            locations = version.get("locations") if isinstance(version, dict) else None
+            if isinstance(locations, dict) and isinstance(locations.get(key), dict):
+                out.append(dict(locations[key]))
+    return out
 
 
 def requeue(conn: Connection, outbox_id: int, entity: str, mirror_id: int, *, delay_s: float, attempts: int,

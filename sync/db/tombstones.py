@@ -30,6 +30,15 @@ def buried_st_ids(conn: Connection, entity: str, st_ids: Iterable[int]) -> set[i
         {"e": entity, "ids": list(st_ids)})}
 
 
+def bury(conn: Connection, entity: str, mirror_id: int, st_id: int) -> bool:
+    """A row deleted while its create was on its way: its tombstone gets the record's ``st_id``, so the pull never
+    brings the record back as a row of its own. False if the row has no tombstone (it was never there)."""
+    return conn.execute(text("""UPDATE tombstones SET st_id = :s WHERE id = (
+                                    SELECT max(id) FROM tombstones WHERE entity = :e AND mirror_id = :m)
+                                AND st_id IS NULL RETURNING 1"""),
+                        {"e": entity, "m": mirror_id, "s": st_id}).first() is not None
+
+
 def take_back(conn: Connection, entity: str, mirror_id: int) -> dict[str, Any] | None:
     """An operator undoes a held delete: the row's latest tombstone is removed; returns the row as deleted."""
     row = conn.execute(text("""DELETE FROM tombstones WHERE id = (SELECT max(id) FROM tombstones
@@ -52,7 +61,8 @@ def latest_truncation(conn: Connection, entity: str) -> int | None:
 
 
 def mark_truncations_restored(conn: Connection, entity: str, up_to: int) -> int:
-    """A whole feed was pulled again after these TRUNCATEs (ids up to ``up_to``; a later one waits its turn)."""
+    """The feed restarted from the beginning after these TRUNCATEs (ids up to ``up_to``; a later one restarts it
+    again): ``restored_at`` is when the restore began."""
     return int(conn.execute(text("UPDATE truncations SET restored_at = now() WHERE entity = :e "
                                  "AND restored_at IS NULL AND id <= :u"), {"e": entity, "u": up_to}).rowcount)
 

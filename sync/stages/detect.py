@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from sync.config import Config
-from sync.core.create import build_customer_create, build_location_create, sent_diff, sent_record
+from sync.core.create import build_customer_create, build_location_create, create_diff
 from sync.core.diff import unconfirmed_versions
 from sync.core.fields import CUSTOMER_LINK, ENTITIES, NAMES, Entity
 from sync.core.plan import (
@@ -72,10 +72,12 @@ class DetectResult:
 
 @dataclass
 class DeleteGuard:
-    """The mass-delete guard over one detect cycle (``detect_all``): the deletes it queued, and whether they
-    are held (more than ``sync.max_deletes_per_cycle``)."""
+    """The mass-delete guard over one detect cycle (``detect_all``): the deletes it queued, how many the change
+    log held when the cycle began (so that a mass delete spread over several batches is held from its first
+    batch on, never partly sent), and whether they are held (more than ``sync.max_deletes_per_cycle``)."""
 
     queued: list[tuple[str, int]] = field(default_factory=list)
+    expected: int = 0
     held: bool = False
 
 
@@ -111,12 +113,12 @@ def _detect_deletes(conn: Connection, cfg: Config, entity: Entity, deletes: list
 
 def _apply_guard(conn: Connection, cfg: Config, guard: DeleteGuard, result: DetectResult) -> None:
     limit = cfg.sync.max_deletes_per_cycle
-    if len(guard.queued) <= limit:
+    if max(len(guard.queued), guard.expected) <= limit or not guard.queued:
         return
     n = outbox.hold_deletes(conn, guard.queued)
     result.held += n
     if not guard.held:
-        log.warning("detect.mass_delete_held", deletes=len(guard.queued), limit=limit,
+        log.warning("detect.mass_delete_held", deletes=max(len(guard.queued), guard.expected), limit=limit,
                     hint="none is sent: `stsync outbox release --held` sends them, `stsync outbox discard --held` "
                          "puts the rows back")
     guard.held = True
@@ -187,10 +189,12 @@ def _plan_creates(conn: Connection, cfg: Config, entity: Entity, rows: dict[int,
     waiting: list[int] = []
     riding: list[int] = []  # locations that go out inside their customer's create
 
-    def queue(mid: int, body: dict[str, Any], times: list[Any]) -> None:
+    def queue(mid: int, body: dict[str, Any], times: list[Any],
+              locations: list[tuple[int, dict[str, Any]]] | None = None) -> None:
         at = max((t for t in times if t is not None), default=None)
-        out.append({"m": mid, "s": None, "p": body, "d": sent_diff(sent_record(entity, body, settings.mirror_id_key)),
-                    "t": at.isoformat() if at is not None else None, "o": "create"})
+        diff = create_diff(entity, body, rows[mid].record, dict(locations or []), settings.mirror_id_key)
+        out.append({"m": mid, "s": None, "p": body, "d": diff, "t": at.isoformat() if at is not None else None,
+                    "o": "create"})
         result.creates += 1
 
     if entity == "customer":
@@ -211,7 +215,7 @@ def _plan_creates(conn: Connection, cfg: Config, entity: Entity, rows: dict[int,
                 result.dead += 1
                 continue
             times = [edited_at.get(("customer", mid)), *(edited_at.get(("location", m)) for m, _ in locs)]
-            queue(mid, patch.body, times)
+            queue(mid, patch.body, times, locs)
             riding += [m for m, _ in locs]
     else:
         for mid, row in rows.items():
@@ -281,6 +285,9 @@ def detect_all(engine: Engine, cfg: Config) -> DetectResult:
     """Drain the whole change log, batch after batch."""
     total = DetectResult()
     guard = DeleteGuard()
+    if cfg.sync.local_deletes == "propagate":
+        with engine.connect() as conn:
+            guard.expected = changelog.pending_deletes(conn)
     while True:
         r = detect_batch(engine, cfg, guard=guard)
         total.add(r)

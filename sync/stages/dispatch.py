@@ -25,12 +25,13 @@ from sync.core import merge, openapi
 from sync.core.create import (
     build_customer_create,
     build_location_create,
+    create_diff,
     merge_created,
     mirror_id_of,
     new_location_ids,
-    sent_diff,
     sent_values,
 )
+from sync.core.diff import sent_values as diff_sent_values
 from sync.core.diff import strip_key, unconfirmed_versions
 from sync.core.fields import (
     CUSTOMER_LINK,
@@ -40,11 +41,11 @@ from sync.core.fields import (
     parse_timestamp,
     record_from_api,
 )
-from sync.core.plan import NO_CUSTOMER, WAITING_FOR_LOCATION, dead_answer, not_a_record, plan_record
+from sync.core.plan import NO_CUSTOMER, WAITING_FOR_LOCATION, deactivation, dead_answer, not_a_record, plan_record
 from sync.core.presend import changed_since
 from sync.core.request import Patch
 from sync.core.retry import Outcome, backoff_seconds, classify
-from sync.db import attempts, changelog, conflicts, mirror, outbox, rejected, shadow
+from sync.db import attempts, changelog, conflicts, mirror, outbox, rejected, shadow, tombstones
 from sync.db.engine import bypass_triggers
 from sync.log import get_logger, redact
 from sync.servicetitan.client import IDS_PER_LIST, ApiResponse, ServiceTitanClient
@@ -90,6 +91,9 @@ class Claim:
     """a customer's create: its new location rows as sent (mirror id -> record)"""
     found: bool = False
     """a create's answer is the record an earlier attempt made, found by our external data"""
+    lookup: bool = False
+    """a create that may have reached ServiceTitan before (this row's attempts, an earlier create row of the
+    record, or a customer's create that carried this location): looked up by our external data first"""
 
 
 @dataclass
@@ -263,6 +267,11 @@ class Dispatcher:
             changelog.log_recheck(conn, "customer", [row.customer_id])
             self.stats.superseded += 1
             return None
+        elif outbox.carried_in_flight(conn, row.mirror_id):
+            # a customer's create that carries it is on its way: its answer (or the lookup after it) decides
+            outbox.requeue(conn, oid, entity, row.mirror_id, delay_s=self.cfg.servicetitan.timeout_seconds,
+                           attempts=tries, status=None, error=None)
+            return None
         else:
             patch = build_location_create(row.record, row.mirror_id, application_guid=settings.application_guid,
                                           mirror_id_key=settings.mirror_id_key)
@@ -270,10 +279,13 @@ class Dispatcher:
             rejected.record(conn, entity, row, {}, patch, outbox_id=oid)
             self.stats.rejected += 1
             return None
-        diff = sent_diff(sent_values(entity, patch.body, row.record, mirror_id_key=settings.mirror_id_key))
+        diff = create_diff(entity, patch.body, row.record, dict(locations), settings.mirror_id_key)
         outbox.set_body(conn, oid, patch.body, diff, None, "create")
+        lookup = bool(earlier) or outbox.create_maybe_sent(conn, entity, row.mirror_id, except_id=oid)
+        if entity == "location":  # what a customer's create that carried it sent of it
+            earlier = [*earlier, *outbox.carried_versions(conn, row.mirror_id)]
         return Claim(oid, entity, row.mirror_id, 0, tries + 1, patch.body, diff, row.record, token, {},
-                     operation="create", earlier=earlier, locations=dict(locations))
+                     operation="create", earlier=earlier, locations=dict(locations), lookup=lookup)
 
     def complete(self, c: Claim, resp: ApiResponse, started_at: float) -> Outcome:
         outcome = classify(resp.status, resp.body)
@@ -333,8 +345,12 @@ class Dispatcher:
                                status=resp.status or None, error=error_json,
                                unconfirmed=json.dumps([sent], default=str) if sent else None)
             else:
+                in_doubt = outcome is Outcome.RETRY and (resp.status == 0 or resp.status >= 500
+                                                         or 200 <= resp.status < 300)
                 outcome = Outcome.DEAD
-                outbox.fail_dead(conn, c.outbox_id, attempts=c.attempt, status=resp.status or None, error=error_json)
+                sent = self._answered(c) if in_doubt else None
+                outbox.fail_dead(conn, c.outbox_id, attempts=c.attempt, status=resp.status or None, error=error_json,
+                                 unconfirmed=json.dumps([sent], default=str) if sent else None)
                 mirror.mark_error(conn, c.entity, c.mirror_id,
                                   dead_answer(c.entity, resp.status, c.attempt, error_body, resp.error, c.outbox_id))
         return outcome
@@ -410,7 +426,8 @@ class Dispatcher:
         if not linked or c.entity != "customer":
             return
         sent_locations = dict(zip(new_location_ids(c.body, key), c.body.get("locations") or [], strict=False))
-        answered = [loc for loc in body.get("locations") or [] if isinstance(loc, dict)]
+        answered = [loc for loc in body.get("locations") or [] if isinstance(loc, dict)
+                    and openapi.answer_problem(openapi.RESPONSE_SCHEMAS["location"], loc) is None]
         for i, loc in enumerate(answered):
             lmid = mirror_id_of(loc, key)
             if lmid is None and len(answered) == len(sent_locations):  # answered in the order sent
@@ -433,6 +450,14 @@ class Dispatcher:
         st_id = api.get("id")
         current = mirror.load_mirror(conn, entity, [mirror_id], for_update=True).get(mirror_id)
         holder = mirror.mirror_ids_by_st_id(conn, entity, [st_id]).get(st_id) if isinstance(st_id, int) else None
+        if current is not None and isinstance(st_id, int) and current.st_id == st_id:
+            # the pull linked it first, from the feed's version, which is no older than this answer: nothing to
+            # apply (an answer must not undo what a pull applied)
+            self.log.info("outbox.created_already_linked", entity=entity, mirror_id=mirror_id, st_id=st_id)
+            return True
+        if current is None and isinstance(st_id, int) and holder is None:
+            self._bury(conn, entity, mirror_id, st_id)
+            return False
         if current is None or not isinstance(st_id, int) or (current.st_id not in (None, st_id)) \
                 or holder not in (None, mirror_id):
             self.log.error("outbox.created_not_linked", entity=entity, mirror_id=mirror_id, st_id=st_id,
@@ -457,19 +482,27 @@ class Dispatcher:
         self.log.info("outbox.created", entity=entity, mirror_id=mirror_id, st_id=st_id)
         return True
 
+    def _bury(self, conn: Connection, entity: Entity, mirror_id: int, st_id: int) -> None:
+        """The row was deleted while its create was on its way: the record exists now. Its tombstone gets the
+        ``st_id`` (the pull never brings it back) and, under ``sync.local_deletes: propagate``, it is
+        deactivated like any deleted row."""
+        buried = tombstones.bury(conn, entity, mirror_id, st_id)
+        propagate = buried and self.cfg.sync.local_deletes == "propagate"
+        if propagate:
+            outbox.queue_delete(conn, entity, mirror_id, st_id,
+                                deactivation(self.cfg.patch_settings(), entity, mirror_id).body)
+        self.log.warning("outbox.created_for_a_deleted_row", entity=entity, mirror_id=mirror_id, st_id=st_id,
+                         tombstoned=buried, deactivating=propagate)
+
     def _answered(self, c: Claim) -> dict[str, Any]:
         """What the PATCH carried, {column: value}: the diff's columns, and the whole address if any part of it.
         A customer's create adds ``locations``: {mirror id: what it carried of that location}."""
+        if c.operation == "create":
+            return diff_sent_values(c.diff)
         cols = set(c.diff)
         if cols & set(address_columns(c.entity)):
             cols |= set(address_columns(c.entity))
-        out: dict[str, Any] = {col: c.sent.get(col) for col in cols}
-        if c.operation == "create" and c.locations:
-            key = self.cfg.servicetitan.mirror_id_key
-            bodies = dict(zip(new_location_ids(c.body, key), c.body.get("locations") or [], strict=False))
-            out["locations"] = {str(m): sent_values("location", b, c.locations.get(m, {}), mirror_id_key=key)
-                                for m, b in bodies.items()}
-        return out
+        return {col: c.sent.get(col) for col in cols}
 
     def _local_changed_at(self, conn: Connection, c: Claim,
                           unsent: list[tuple[int, str, Any, Any, Any]]) -> datetime | None:
@@ -516,13 +549,15 @@ class Dispatcher:
         if c.entity == "customer":
             locations = new_location_ids(c.body, key)
             record["locations"] = []
-            if locations:
-                lresp = await self.client.find_by_external_data("locations", guid, key, [str(m) for m in locations])
+            for i in range(0, len(locations), IDS_PER_LIST):
+                chunk = [str(m) for m in locations[i:i + IDS_PER_LIST]]
+                lresp = await self.client.find_by_external_data("locations", guid, key, chunk)
                 ldata = lresp.body.get("data") if lresp.ok and isinstance(lresp.body, dict) else None
                 if not isinstance(ldata, list):
                     return ApiResponse(lresp.status if not lresp.ok else 0, lresp.body, lresp.latency_ms,
                                        error=lresp.error or "the lookup of an earlier attempt's locations failed")
-                record["locations"] = [r for r in ldata if isinstance(r, dict) and r.get("customerId") == record["id"]]
+                record["locations"] += [r for r in ldata
+                                        if isinstance(r, dict) and r.get("customerId") == record["id"]]
         self.stats.linked += 1
         self.log.warning("outbox.create_found", entity=c.entity, mirror_id=c.mirror_id, st_id=record["id"],
                          hint="an earlier attempt was applied and its answer lost: linked, not created again")
@@ -535,7 +570,7 @@ class Dispatcher:
             return await asyncio.to_thread(self.still_claimed, c)
 
         if c.operation == "create":
-            found = await self._find_created(c) if c.earlier else None
+            found = await self._find_created(c) if c.lookup else None
             if found is not None:
                 resp = found
                 c.found = found.ok

@@ -42,6 +42,7 @@ from sync.core.fields import (
     record_from_api,
 )
 from sync.core.merge import MergeResult, Policy, is_echo, is_stale, merge
+from sync.core.plan import deactivation
 from sync.core.retry import Outcome, backoff_seconds, classify
 from sync.db import changelog, conflicts, cursors, mirror, outbox, quarantine, shadow, tombstones
 from sync.db.engine import bypass_triggers, connect
@@ -141,13 +142,13 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
     await asyncio.to_thread(_restore_read_only, engine, entity, lg, within)
     if within is None:
         await _refetch_quarantined(engine, client, cfg, entity, lg)
+    truncated = await asyncio.to_thread(_restart_after_truncate, engine, entity, within)
+    if truncated is not None:
+        # the table was emptied by TRUNCATE (never propagated): the feed starts again from the beginning, once,
+        # and brings every row back (a long feed over several runs, each going on from the stored cursor)
+        lg.warning("pull.restoring_truncated", feed=feed, truncation_id=truncated, restart_from=cfg.sync.initial_from)
     stored, initial_done = await asyncio.to_thread(_read_cursor, engine, feed, within)
     token = stored or (None if initial_done else cfg.sync.initial_from)
-    truncated = await asyncio.to_thread(_truncated, engine, entity, within)
-    if truncated is not None:
-        # the table was emptied by TRUNCATE (never propagated): the whole feed again brings every row back
-        token = cfg.sync.initial_from
-        lg.warning("pull.restoring_truncated", feed=feed, truncation_id=truncated, restart_from=token)
     totals = FeedStats()
     started = time.monotonic()
     drained = moved = False
@@ -221,9 +222,8 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
         lg.warning("pull.run_budget_spent", feed=feed, pages=totals.pages, records=totals.records,
                    seconds=round(duration, 1), limit_s=cfg.sync.pull_max_seconds_per_run,
                    hint="the feed has more; the next run continues from the stored cursor")
-    if drained and truncated is not None and within is None:
-        await asyncio.to_thread(_truncations_restored, engine, entity, truncated)
-        summary["restored_truncated"] = True
+    if truncated is not None:
+        summary["restoring_truncated"] = True
     if drained:
         lg.info("pull.feed_drained", feed=feed, pages=totals.pages, records=totals.records, applied=totals.applied,
                 inserted=totals.inserted, unchanged=totals.unchanged, conflicts=totals.conflicts,
@@ -414,15 +414,15 @@ def _restore_read_only(engine: Engine, entity: Entity, log: Any, within: Connect
             log.info("pull.read_only_restored", entity=entity, mirror_id=mid, columns=columns)
 
 
-def _truncated(engine: Engine, entity: Entity, within: Connection | None = None) -> int | None:
-    """The latest TRUNCATE of this entity's mirror table not restored yet (its id), or None."""
+def _restart_after_truncate(engine: Engine, entity: Entity, within: Connection | None = None) -> int | None:
+    """A TRUNCATE of this entity's mirror table not handled yet: the feed's cursor goes back to the start and the
+    truncation is marked as being restored, in one transaction. Returns its id, or None."""
     with _transaction(engine, within) as conn:
-        return tombstones.latest_truncation(conn, entity)
-
-
-def _truncations_restored(engine: Engine, entity: Entity, up_to: int) -> None:
-    with engine.begin() as conn:
-        tombstones.mark_truncations_restored(conn, entity, up_to)
+        latest = tombstones.latest_truncation(conn, entity)
+        if latest is not None:
+            cursors.restart(conn, NAMES[entity].feed)
+            tombstones.mark_truncations_restored(conn, entity, latest)
+        return latest
 
 
 def _fallback_from(engine: Engine, entity: Entity, within: Connection | None = None) -> str | None:
@@ -698,21 +698,42 @@ def _link_ours(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, di
                ours: dict[int, tuple[int, dict[str, Any]]], log: Any) -> int:
     """New records that carry a mirror id of ours link to that row (it gets its ``st_id``; the mirror takes
     ServiceTitan's values of what its create carried, unless edited since; ``core.create.merge_created``),
-    never a second row. A row that is gone or already linked is left alone: the record arrives as a row of its
-    own."""
+    never a second row. A row deleted meanwhile gets the record's ``st_id`` on its tombstone (the record is never
+    a row again; under ``propagate`` it is deactivated). A row already linked to another record is left alone:
+    the record arrives as a row of its own."""
     rows = mirror.load_mirror(conn, entity, [m for m, _ in ours.values()], for_update=True)
-    unsent = outbox.unsent_for(conn, entity, list(rows))
+
+    def carried(rows_of: list[tuple[int, str, Any, Any, Any]]) -> dict[int, list[dict[str, Any]]]:
+        """mirror id -> what creates of it may have carried (an in-flight one, attempts whose answers were lost)"""
+        out: dict[int, list[dict[str, Any]]] = {}
+        for m, state, diff, unconfirmed, _ in rows_of:
+            out.setdefault(m, []).extend(([sent_values(diff)] if state == "in_flight" else [])
+                                         + unconfirmed_versions(unconfirmed))
+        return out
+
+    own = carried(outbox.unsent_for(conn, entity, list(rows)))
+    # a new location may have gone out inside its customer's create: what that create carried of it
+    customers = carried(outbox.unsent_for(conn, "customer", [r.customer_id for r in rows.values()
+                                                             if r.customer_id is not None])) \
+        if entity == "location" else {}
     linked = 0
     for st_id, (mid, ext) in sorted(ours.items()):
         row = rows.get(mid)
-        if row is None or row.st_id is not None:
+        if row is None:
+            buried = tombstones.bury(conn, entity, mid, st_id)
+            if buried and cfg.sync.local_deletes == "propagate":
+                outbox.queue_delete(conn, entity, mid, st_id, deactivation(cfg.patch_settings(), entity, mid).body)
             log.warning("pull.record_of_ours_not_linked", entity=entity, st_id=st_id, mirror_id=mid,
-                        reason="no such row" if row is None else f"the row is linked to {row.st_id}")
+                        reason="the row was deleted" if buried else "no such row")
             continue
-        # what its create carried (an in-flight one, or attempts whose answers were lost); none: ServiceTitan's
-        # values are taken for every column a create sends
-        earlier = [v for m, state, diff, unconfirmed, _ in unsent if m == mid
-                   for v in ([sent_values(diff)] if state == "in_flight" else []) + unconfirmed_versions(unconfirmed)]
+        if row.st_id is not None:
+            log.warning("pull.record_of_ours_not_linked", entity=entity, st_id=st_id, mirror_id=mid,
+                        reason=f"the row is linked to {row.st_id}")
+            continue
+        # what its create carried; none known: ServiceTitan's values are taken for every column a create sends
+        earlier = own.get(mid, []) + [v["locations"][str(mid)] for v in customers.get(row.customer_id or 0, [])
+                                      if isinstance(v.get("locations"), dict)
+                                      and isinstance(v["locations"].get(str(mid)), dict)]
         remote = dict(recs[st_id], external_data=ext)
         columns = create_columns(entity)
         sent = create_sent_values(entity, columns, row.record, earlier, cfg.servicetitan.mirror_id_key)
@@ -728,6 +749,7 @@ def _link_ours(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, di
                              status="resend" if result.push_needed else "synced")
         shadow.write_shadow(conn, entity, mid, st_id, result.new_shadow)
         changelog.log_recheck(conn, entity, [mid])  # its queued create is now an update (or nothing)
+        outbox.clear_unconfirmed(conn, entity, mid)  # settled: never PATCHed again as a "revert"
         log.info("pull.record_of_ours_linked", entity=entity, st_id=st_id, mirror_id=mid)
         linked += 1
     return linked

@@ -200,3 +200,98 @@ def test_a_create_reclaimed_from_a_killed_worker_is_looked_up_not_sent_again(
     assert len(posts(sb, "/customers")) == 1
     assert rows(engine, "SELECT st_id FROM customers WHERE id = :c", c=cid) == [(created["id"],)]
     assert rows(engine, "SELECT st_id IS NOT NULL FROM locations WHERE id = :l", l=lids[0]) == [(True,)]
+
+
+def _pull_customers_only(engine: Engine, cfg: Config, sb: Sandbox) -> None:
+    import asyncio
+
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.pull import pull_feed
+    from tests.pushkit import transport
+
+    async def go() -> None:
+        async with ServiceTitanClient(cfg.servicetitan, transport=transport(sb)) as client:
+            await pull_feed(engine, client, cfg, "customer")
+
+    asyncio.run(go())
+
+
+def test_a_location_that_rode_in_a_lost_customer_create_is_looked_up_before_its_own_post(
+        engine: Engine, cfg: Config, sb: Sandbox, linked: dict[int, int]) -> None:
+    pull_cycle(engine, cfg, sb)
+    sb.faults.add(Fault.dropped(after_apply=True), endpoint="POST /customers")
+    _, (lid,) = insert_customer(engine, "Rode Along", locations=1)
+    run_cycle(engine, cfg, sb)  # customer and location made, the answer lost
+    _pull_customers_only(engine, cfg, sb)  # the customer links through its feed; its location's feed lags
+    sql(engine, "UPDATE locations SET name = 'Rode Along, edited' WHERE id = :l", l=lid)
+    drain(engine, cfg, sb)  # the location is now one of a linked customer: its create looks itself up first
+    [created] = named(sb, "Rode Along")
+    made = [loc for loc in sb.locations() if loc["customerId"] == created["id"]]
+    assert [loc["name"] for loc in made] == ["Rode Along, edited"]  # one record, and the edit reached it
+    assert posts(sb, "/locations") == []
+    assert rows(engine, "SELECT st_id FROM locations WHERE id = :l", l=lid) == [(made[0]["id"],)]
+
+
+def test_a_create_that_ended_dead_after_a_lost_answer_is_looked_up_when_retried(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    from sync.commands import outbox as outbox_admin
+
+    cfg = make_config(database_url, retry={"max_attempts": 1, "in_doubt_seconds": 0.0})
+    sb.faults.add(Fault.dropped(after_apply=True), endpoint="POST /customers")
+    cid, _ = insert_customer(engine, "Dead Then Retried")
+    drain(engine, cfg, sb)
+    [(oid, state)] = rows(engine, "SELECT id, state FROM outbox WHERE entity = 'customer' AND mirror_id = :c", c=cid)
+    assert state == "dead"
+    with engine.begin() as conn:
+        outbox_admin.retry(conn, oid)
+    drain(engine, cfg, sb)
+    assert len(named(sb, "Dead Then Retried")) == 1 and len(posts(sb, "/customers")) == 1
+    assert rows(engine, "SELECT st_id IS NOT NULL FROM customers WHERE id = :c", c=cid) == [(True,)]
+
+
+def test_an_edit_of_a_new_location_made_while_its_create_was_lost_is_not_undone_by_the_link(
+        engine: Engine, cfg: Config, sb: Sandbox, linked: dict[int, int]) -> None:
+    import asyncio
+
+    from sync.servicetitan.client import ServiceTitanClient
+    from sync.stages.detect import detect_all
+    from sync.stages.dispatch import Dispatcher
+    from tests.pushkit import transport
+
+    _, (lid,) = insert_customer(engine, "Edited While Lost", locations=1)
+    detect_all(engine, cfg)
+
+    async def send_and_die() -> None:
+        async with ServiceTitanClient(cfg.servicetitan, transport=transport(sb)) as client:
+            (claim,) = Dispatcher(engine, client, cfg, "doomed").claim(1)
+            assert (await client.post("customers", claim.body)).status == 200
+
+    asyncio.run(send_and_die())
+    sql(engine, "UPDATE locations SET name = 'Renamed After Send' WHERE id = :l", l=lid)
+    sql(engine, "UPDATE outbox SET lease_expires_at = now() - interval '1 second', sent_at = now() - interval '1 hour' "
+                "WHERE state = 'in_flight'")
+    drain(engine, cfg, sb)
+    [created] = named(sb, "Edited While Lost")
+    [loc] = [loc for loc in sb.locations() if loc["customerId"] == created["id"]]
+    assert loc["name"] == "Renamed After Send"
+    assert rows(engine, "SELECT name, st_id FROM locations WHERE id = :l", l=lid) == [("Renamed After Send", loc["id"])]
+
+
+def test_a_row_deleted_while_its_create_was_lost_never_comes_back_and_propagate_deactivates_it(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    cfg = make_config(database_url, sync={"local_deletes": "propagate"},
+                      retry={"base_delay_seconds": 0.01, "max_delay_seconds": 0.05, "in_doubt_seconds": 0.0})
+    pull_cycle(engine, cfg, sb)
+    sb.faults.add(Fault.dropped(after_apply=True), endpoint="POST /customers")
+    cid, lids = insert_customer(engine, "Deleted Meanwhile", locations=1)
+    run_cycle(engine, cfg, sb)  # made in ServiceTitan, the answer lost
+    sql(engine, "DELETE FROM locations WHERE id = ANY(:l)", l=lids)
+    sql(engine, "DELETE FROM customers WHERE id = :c", c=cid)
+    drain(engine, cfg, sb)
+    pull_cycle(engine, cfg, sb)
+    drain(engine, cfg, sb)
+    assert rows(engine, "SELECT count(*) FROM customers WHERE name = 'Deleted Meanwhile'") == [(0,)]
+    assert rows(engine, "SELECT count(*) FROM locations WHERE name LIKE 'Deleted Meanwhile%'") == [(0,)]
+    [created] = named(sb, "Deleted Meanwhile")
+    assert created["active"] is False
+    assert all(not loc["active"] for loc in sb.locations() if loc["customerId"] == created["id"])

@@ -118,3 +118,13 @@ def test_a_truncate_is_recorded_never_propagated_and_the_next_pull_restores_the_
         assert status.collect(conn)["truncations"] == {}
     drain(engine, cfg, sb)
     assert patches(sb) == []
+
+
+def test_a_mass_delete_spread_over_several_detect_batches_is_held_from_its_first_batch(
+        engine: Engine, database_url: str, sb: Sandbox, linked: dict[int, int]) -> None:
+    cfg = config(database_url, local_deletes="propagate", max_deletes_per_cycle=10, batch_size=4)
+    doomed = location_st_ids(engine, 20)
+    sql(engine, "DELETE FROM locations WHERE st_id = ANY(:s)", s=doomed)
+    run_cycle(engine, cfg, sb)
+    assert patches(sb) == []
+    assert rows(engine, "SELECT state, count(*) FROM outbox GROUP BY state") == [("held", 20)]
