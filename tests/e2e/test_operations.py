@@ -485,3 +485,27 @@ def test_a_retry_due_before_the_next_run_is_sent_when_due(e2e: Env) -> None:
     sent = [r for r in e2e.sb.requests if r.method == "PATCH"]
     assert [r.status for r in sent] == [429, 200]
     assert sent[1].time - sent[0].time < 3.0  # Retry-After 1 s, not the 15-s interval
+
+
+# ---------------------------------------------------------------------------------------------- held deletes
+
+
+def test_held_deletes_are_listed_released_and_sent_by_the_commands(e2e: Env) -> None:
+    e2e.sb.seed(customers=3, locations=8, seed=5)
+    link_mirror(e2e.engine, e2e.sb)
+    cfg = e2e.config()  # its sync section, with the two keys added
+    text_ = cfg.read_text().replace("sync:\n", "sync:\n  local_deletes: propagate\n  max_deletes_per_cycle: 3\n", 1)
+    cfg.write_text(text_)
+    doomed = [s for (s,) in rows(e2e.engine, "SELECT st_id FROM locations ORDER BY id LIMIT 5")]
+    sql(e2e.engine, "DELETE FROM locations WHERE st_id = ANY(:s)", s=doomed)
+    cycle(e2e, cfg)
+    assert patches(e2e, "") == []
+    held = cli_json(e2e, cfg, "outbox", "list", "--state", "held")
+    assert sorted(r["st_id"] for r in held) == sorted(doomed)
+    assert "held deletes:   5" in ok(e2e.stsync(cfg, "status")).stdout
+    assert "5 held row(s) released" in ok(e2e.stsync(cfg, "outbox", "release", "--held")).stdout
+    cycle(e2e, cfg)
+    assert sorted(int(r.path.rsplit("/", 1)[-1]) for r in patches(e2e, "")) == sorted(doomed)
+    assert all(e2e.sb.get_location(s)["active"] is False for s in doomed)
+    usage = e2e.stsync(cfg, "outbox", "discard")
+    assert usage.returncode == 2 and "give one outbox ID or --held" in usage.stderr
