@@ -26,7 +26,6 @@ from sync.core.create import (
     build_customer_create,
     build_location_create,
     create_diff,
-    merge_created,
     mirror_id_of,
     new_location_ids,
     sent_values,
@@ -41,11 +40,11 @@ from sync.core.fields import (
     parse_timestamp,
     record_from_api,
 )
-from sync.core.plan import NO_CUSTOMER, WAITING_FOR_LOCATION, deactivation, dead_answer, not_a_record, plan_record
+from sync.core.plan import NO_CUSTOMER, WAITING_FOR_LOCATION, dead_answer, not_a_record, plan_record
 from sync.core.presend import changed_since
 from sync.core.request import Patch
 from sync.core.retry import Outcome, backoff_seconds, classify
-from sync.db import attempts, changelog, conflicts, mirror, outbox, rejected, shadow, tombstones
+from sync.db import attempts, changelog, conflicts, created, mirror, outbox, rejected, shadow
 from sync.db.engine import bypass_triggers
 from sync.log import get_logger, redact
 from sync.servicetitan.client import IDS_PER_LIST, ApiResponse, ServiceTitanClient
@@ -466,19 +465,7 @@ class Dispatcher:
             return False
         remote = record_from_api(entity, api)
         remote["external_data"] = strip_key(remote["external_data"], key)
-        mirror.link(conn, entity, mirror_id, st_id)
-        if entity == "location":
-            current = mirror.load_mirror(conn, entity, [mirror_id]).get(mirror_id) or current  # its customer's st_id
-        result = merge_created(entity, current.record, remote, sent, sync_active=self.cfg.sync.sync_active)
-        updates = dict(result.mirror_updates)
-        customer_mirror_id = None
-        if CUSTOMER_LINK in updates:
-            customer_mirror_id = mirror.customer_mirror_ids(conn, [updates[CUSTOMER_LINK]]).get(updates[CUSTOMER_LINK])
-        mirror.update_mirror(conn, entity, mirror_id, updates, customer_mirror_id=customer_mirror_id,
-                             status="resend" if result.push_needed else "synced")
-        shadow.write_shadow(conn, entity, mirror_id, st_id, result.new_shadow)
-        if result.push_needed:
-            changelog.log_recheck(conn, entity, [mirror_id])
+        created.link(conn, entity, mirror_id, st_id, remote, sent, sync_active=self.cfg.sync.sync_active)
         self.log.info("outbox.created", entity=entity, mirror_id=mirror_id, st_id=st_id)
         return True
 
@@ -486,11 +473,8 @@ class Dispatcher:
         """The row was deleted while its create was on its way: the record exists now. Its tombstone gets the
         ``st_id`` (the pull never brings it back) and, under ``sync.local_deletes: propagate``, it is
         deactivated like any deleted row."""
-        buried = tombstones.bury(conn, entity, mirror_id, st_id)
-        propagate = buried and self.cfg.sync.local_deletes == "propagate"
-        if propagate:
-            outbox.queue_delete(conn, entity, mirror_id, st_id,
-                                deactivation(self.cfg.patch_settings(), entity, mirror_id).body)
+        buried, propagate = created.bury(conn, self.cfg.patch_settings(), entity, mirror_id, st_id,
+                                         propagate=self.cfg.sync.local_deletes == "propagate")
         self.log.warning("outbox.created_for_a_deleted_row", entity=entity, mirror_id=mirror_id, st_id=st_id,
                          tombstoned=buried, deactivating=propagate)
 

@@ -29,7 +29,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DataError, IntegrityError
 
 from sync.config import Config
-from sync.core.create import create_columns, merge_created, mirror_id_of
+from sync.core.create import create_columns, mirror_id_of
 from sync.core.create import sent_values as create_sent_values
 from sync.core.diff import sent_values, strip_key, unconfirmed_versions
 from sync.core.export import BIGINT_MAX, Page, missing_fields, newer, normalise, parse_page, unstorable, without_nul
@@ -42,9 +42,8 @@ from sync.core.fields import (
     record_from_api,
 )
 from sync.core.merge import MergeResult, Policy, is_echo, is_stale, merge
-from sync.core.plan import deactivation
 from sync.core.retry import Outcome, backoff_seconds, classify
-from sync.db import changelog, conflicts, cursors, mirror, outbox, quarantine, shadow, tombstones
+from sync.db import changelog, conflicts, created, cursors, mirror, outbox, quarantine, shadow, tombstones
 from sync.db.engine import bypass_triggers, connect
 from sync.errors import ServiceTitanError
 from sync.log import get_logger
@@ -720,9 +719,8 @@ def _link_ours(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, di
     for st_id, (mid, ext) in sorted(ours.items()):
         row = rows.get(mid)
         if row is None:
-            buried = tombstones.bury(conn, entity, mid, st_id)
-            if buried and cfg.sync.local_deletes == "propagate":
-                outbox.queue_delete(conn, entity, mid, st_id, deactivation(cfg.patch_settings(), entity, mid).body)
+            buried, _ = created.bury(conn, cfg.patch_settings(), entity, mid, st_id,
+                                     propagate=cfg.sync.local_deletes == "propagate")
             log.warning("pull.record_of_ours_not_linked", entity=entity, st_id=st_id, mirror_id=mid,
                         reason="the row was deleted" if buried else "no such row")
             continue
@@ -737,18 +735,8 @@ def _link_ours(conn: Connection, cfg: Config, entity: Entity, recs: dict[int, di
         remote = dict(recs[st_id], external_data=ext)
         columns = create_columns(entity)
         sent = create_sent_values(entity, columns, row.record, earlier, cfg.servicetitan.mirror_id_key)
-        mirror.link(conn, entity, mid, st_id)
-        if entity == "location":
-            row = mirror.load_mirror(conn, entity, [mid]).get(mid) or row
-        result = merge_created(entity, row.record, remote, sent, sync_active=cfg.sync.sync_active)
-        updates = dict(result.mirror_updates)
-        cmid = None
-        if CUSTOMER_LINK in updates:
-            cmid = mirror.customer_mirror_ids(conn, [updates[CUSTOMER_LINK]]).get(updates[CUSTOMER_LINK])
-        mirror.update_mirror(conn, entity, mid, updates, customer_mirror_id=cmid,
-                             status="resend" if result.push_needed else "synced")
-        shadow.write_shadow(conn, entity, mid, st_id, result.new_shadow)
-        changelog.log_recheck(conn, entity, [mid])  # its queued create is now an update (or nothing)
+        if not created.link(conn, entity, mid, st_id, remote, sent, sync_active=cfg.sync.sync_active):
+            changelog.log_recheck(conn, entity, [mid])  # its queued create is now an update (or nothing)
         outbox.clear_unconfirmed(conn, entity, mid)  # settled: never PATCHed again as a "revert"
         log.info("pull.record_of_ours_linked", entity=entity, st_id=st_id, mirror_id=mid)
         linked += 1
