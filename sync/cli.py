@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from sync import __version__
-from sync.config import Config, is_loopback_host, load_config
+from sync.config import Config, checked_database_url, is_loopback_host, load_config
 from sync.errors import ConfigError, StsyncError
 from sync.log import configure_logging, mask, register_secret
 
@@ -33,6 +33,7 @@ class Ctx:
     def config(self) -> Config:
         cfg = load_config(self.config_path)
         if self.database_url:
+            checked_database_url(self.database_url, "--database-url (or $STSYNC_DATABASE_URL)")
             cfg = cfg.model_copy(update={"database": cfg.database.model_copy(update={"url": self.database_url})})
         st = cfg.servicetitan
         register_secret(st.client_secret.get_secret_value())

@@ -43,6 +43,33 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+_POSTGRES_SCHEMES = ("postgresql://", "postgresql+psycopg://", "postgres://")
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a PostgreSQL URL stsync can use (never quoting it: it may hold a password), or None."""
+    if not url.startswith(_POSTGRES_SCHEMES):
+        scheme = url.split("://", 1)[0] if "://" in url else None
+        found = f"a {scheme}:// URL" if scheme and scheme.replace("+", "").isalnum() else "not a URL"
+        return f"must be a postgresql:// or postgresql+psycopg:// URL ({found})"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except (ArgumentError, ValueError):
+        return "is not a valid postgresql:// URL (check the host, the port and the quoting of the password)"
+    return None
+
+
+def checked_database_url(url: str, source: str) -> str:
+    """``url`` from ``source`` (a flag or an environment variable), held to the same rule as ``database.url``."""
+    problem = database_url_problem(url)
+    if problem is not None:
+        raise ConfigError(f"{source}: {problem}")
+    return url
+
+
 class DatabaseConfig(_Section):
     url: str | None = Field(default=None, repr=False)
     """SQLAlchemy URL (psycopg driver). Falls back to $DATABASE_URL."""
@@ -61,8 +88,9 @@ class DatabaseConfig(_Section):
     @field_validator("url")
     @classmethod
     def _url_is_postgres(cls, v: str | None) -> str | None:
-        if v is not None and not v.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
-            raise ValueError("must be a postgresql:// or postgresql+psycopg:// URL")
+        problem = None if v is None else database_url_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @property
@@ -216,6 +244,8 @@ class Config(_Section):
     def database_url(self, source: str = "the config") -> str:
         """The configured database URL, or a ConfigError saying which setting is missing."""
         url = self.database.url or os.environ.get(ENV_DATABASE_URL)
+        if url and not self.database.url:
+            checked_database_url(url, f"${ENV_DATABASE_URL}")
         if not url:
             raise ConfigError(
                 f"{source}: database.url: no database configured; set database.url in the config "

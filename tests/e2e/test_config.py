@@ -146,3 +146,27 @@ def test_config_from_env_var_path(tmp_path: Path) -> None:
     path = write(tmp_path, GOOD)
     proc = run_cli("check-config", env={"STSYNC_CONFIG": str(path), "ST_CLIENT_SECRET": "x"})
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("url", ["mysql://root@localhost/db", "not a url", "postgresql://h:notaport/db"])
+@pytest.mark.parametrize("source", ["flag", "STSYNC_DATABASE_URL", "DATABASE_URL"])
+def test_a_bad_database_url_from_the_flag_or_the_environment_is_one_line_exit_2(tmp_path: Path, url: str,
+                                                                                  source: str) -> None:
+    cfg = write(tmp_path, GOOD.replace("  url: postgresql://postgres@127.0.0.1:5432/postgres\n", "")
+                if source == "DATABASE_URL" else GOOD)
+    args = ["--config", str(cfg)] + (["--database-url", url] if source == "flag" else []) + ["status"]
+    env = {"ST_CLIENT_SECRET": "s3cret"}
+    if source != "flag":
+        env[source] = url
+    proc = run_cli(*args, env=env)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stsync: error: "), proc.stderr
+    assert "postgresql://" in lines[0] and ("DATABASE_URL" in lines[0] or "--database-url" in lines[0])
+    assert "notaport" not in lines[0] and "root@" not in lines[0]  # the URL itself is never echoed
+
+
+def test_a_postgres_scheme_url_from_the_flag_is_accepted(tmp_path: Path) -> None:
+    proc = run_cli("--config", str(write(tmp_path, GOOD)), "--database-url",
+                   "postgres://postgres@127.0.0.1:5432/postgres", "check-config", env={"ST_CLIENT_SECRET": "s"})
+    assert proc.returncode == 0, proc.stderr
