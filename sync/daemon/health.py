@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
+from sync.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -59,16 +63,47 @@ def create_app(probes: Probes) -> Starlette:
     return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)])
 
 
-async def serve(probes: Probes, listen: str, stopping: asyncio.Event) -> None:
-    """Serve until ``stopping`` is set."""
+def bind(listen: str) -> socket.socket:
+    """The listening socket for ``observability.listen``, bound before anything else starts, so that an address
+    in use or one this machine does not have is one line (ConfigError, exit 2), never a server's traceback."""
+    host, _, port = listen.rpartition(":")
+    host = (host or "127.0.0.1").strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"observability.listen: cannot listen on {listen}: {_reason(exc)}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"observability.listen: cannot listen on {listen}: {_reason(exc)}") from None
+    return sock
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, socket.gaierror):
+        return "no such host or address"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower() + ("; stop the other process or choose another port"
+                                       if exc.errno == errno.EADDRINUSE else "")
+    return str(exc) or type(exc).__name__
+
+
+async def serve(probes: Probes, listen: str | socket.socket, stopping: asyncio.Event) -> None:
+    """Serve until ``stopping`` is set (on ``listen``: a socket from ``bind``, or the address to bind)."""
     import uvicorn
 
-    host, _, port = listen.rpartition(":")
-    server = uvicorn.Server(uvicorn.Config(create_app(probes), host=host or "127.0.0.1", port=int(port),
-                                           log_level="warning", access_log=False, lifespan="off"))
+    sock = listen if isinstance(listen, socket.socket) else bind(listen)
+    server = uvicorn.Server(uvicorn.Config(create_app(probes), log_level="warning", access_log=False,
+                                           lifespan="off"))
     # the daemon owns SIGTERM/SIGINT (graceful stop); uvicorn must not take them over
     server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     await stopping.wait()
     server.should_exit = True
     await task

@@ -24,7 +24,7 @@ from sqlalchemy import Connection, Engine
 
 from sync.config import Config
 from sync.core.fields import Entity
-from sync.daemon.health import Probes, serve
+from sync.daemon.health import Probes, bind, serve
 from sync.daemon.listener import NotifyListener
 from sync.daemon.metrics import Metrics
 from sync.db import workers as workers_mod
@@ -73,6 +73,8 @@ class Daemon:
         """Jobs woken while running: they run once more as soon as they finish (a wake-up is never lost)."""
         self._progress_shown = False
         self.errors: list[BaseException] = []
+        self.listening: socket.socket | None = None
+        """The observability socket, bound early by ``run_daemon`` (None: ``run_forever`` binds it)."""
         """What jobs failed with (logged and survived by `run`; `once` reports it in its exit code)."""
         # every log line of this process carries the tenant (asyncio tasks and threads inherit the context)
         structlog.contextvars.bind_contextvars(tenant=cfg.servicetitan.tenant_id)
@@ -253,6 +255,8 @@ class Daemon:
 
     async def run_forever(self) -> None:
         cfg = self.cfg.sync
+        # bound first: an address that cannot be used stops the daemon with one line before anything started
+        sock = self.listening or (bind(self.cfg.observability.listen) if self.cfg.observability.listen else None)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -274,8 +278,8 @@ class Daemon:
         sched.start()
         listener.start()
         http = None
-        if self.cfg.observability.listen:
-            http = asyncio.create_task(serve(self.probes(), self.cfg.observability.listen, self.stopping))
+        if sock is not None:
+            http = asyncio.create_task(serve(self.probes(), sock, self.stopping))
         self.log.info("daemon.started", dry_run=self.dry_run, schema=self.cfg.db_schema,
                       listen=self.cfg.observability.listen)
         try:
@@ -342,14 +346,19 @@ def wait_for_database(cfg: Config, stop: threading.Event, *, max_backoff: float 
 def run_daemon(cfg: Config, *, dry_run: bool = False) -> None:
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    sock = bind(cfg.observability.listen) if cfg.observability.listen else None  # before the wait: exit 2 at once
     try:
         if not wait_for_database(cfg, stop):
             log.info("daemon.stopped", reason="signal while waiting for the database")
+            if sock is not None:
+                sock.close()
             return
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    asyncio.run(Daemon(cfg, dry_run=dry_run).run_forever())
+    daemon = Daemon(cfg, dry_run=dry_run)
+    daemon.listening = sock
+    asyncio.run(daemon.run_forever())
 
 
 def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:

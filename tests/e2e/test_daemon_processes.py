@@ -120,6 +120,24 @@ def test_metrics_healthz_and_readyz_answer(e2e: Env) -> None:
         assert stop(proc) == 0
 
 
+@pytest.mark.parametrize("where", ["in use", "not on this machine"])
+def test_a_listen_address_that_cannot_be_used_is_one_line_exit_2(e2e: Env, where: str) -> None:
+    import socket as socket_mod
+
+    taken = socket_mod.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    try:
+        listen = f"127.0.0.1:{taken.getsockname()[1]}" if where == "in use" else "203.0.113.7:9464"
+        proc = e2e.stsync(e2e.config(extra=f"observability:\n  listen: {listen}"), "run", timeout=30)
+    finally:
+        taken.close()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stsync: error: observability.listen: cannot listen on "), lines
+    assert listen in lines[0] and ("in use" in lines[0] or "address" in lines[0])
+
+
 def _status(url: str) -> int | None:
     try:
         return http_get(url)[0]
