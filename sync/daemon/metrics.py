@@ -28,14 +28,14 @@ class Metrics:
         self.rate_limited = Counter("stsync_rate_limited_total", "429 answers received", registry=self.registry)
         self.retries = Counter("stsync_retries_total", "Transient failures scheduled for another attempt",
                                registry=self.registry)
-        self.dead = Counter("stsync_dead_total", "Outbox rows that ended dead in this process",
-                            registry=self.registry)
+        self.dead = Counter("stsync_dead_total", "Outbox rows that ended dead in this process (ServiceTitan's "
+                            "answers, and bodies rejected before sending)", registry=self.registry)
         self.latency = Histogram("stsync_request_latency_seconds", "PATCH latency", registry=self.registry,
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.pulled = Counter("stsync_pulled_records_total", "Export feed records processed", ["feed"],
                               registry=self.registry)
-        self.conflicts = Counter("stsync_conflicts_total", "Field conflicts resolved by the pull",
-                                 registry=self.registry)
+        self.conflicts = Counter("stsync_conflicts_total", "Field conflicts recorded (pull, check before sending, "
+                                 "PATCH answers)", registry=self.registry)
 
     def record_answer(self, entity: str, resp: ApiResponse, outcome: Outcome) -> None:
         """One dispatcher answer (sync.stages.dispatch.SendObserver)."""

@@ -73,9 +73,11 @@ class Daemon:
         """Jobs woken while running: they run once more as soon as they finish (a wake-up is never lost)."""
         self._progress_shown = False
         self.errors: list[BaseException] = []
+        """What jobs failed with (logged and survived by `run`; `once` reports it in its exit code)."""
         self.listening: socket.socket | None = None
         """The observability socket, bound early by ``run_daemon`` (None: ``run_forever`` binds it)."""
-        """What jobs failed with (logged and survived by `run`; `once` reports it in its exit code)."""
+        self._counted: dict[str, int] = {}
+        """Dispatcher totals already added to the metrics (``DispatchStats`` counts since the process began)."""
         # every log line of this process carries the tenant (asyncio tasks and threads inherit the context)
         structlog.contextvars.bind_contextvars(tenant=cfg.servicetitan.tenant_id)
         self.dry_run_requests: list[dict[str, Any]] = []
@@ -85,6 +87,7 @@ class Daemon:
     async def _refresh(self, entity: Entity, data: list[dict[str, Any]]) -> None:
         """The dispatcher's check found these records changed in ServiceTitan: merge them as the pull would."""
         stats = await apply_fetched(self.engine, self.client, self.cfg, entity, data, log=self.log)
+        self.metrics.conflicts.inc(stats.conflicts)
         self.log.info("pull.fetched_applied", entity=entity, records=stats.records, applied=stats.applied,
                       conflicts=stats.conflicts, skipped=stats.skipped)
 
@@ -114,6 +117,10 @@ class Daemon:
 
     async def _pull(self) -> dict[str, Any]:
         result: dict[str, Any] = await pull(self.engine, self.client, self.cfg, progress=self._progress)
+        for feed, summary in result.items():
+            if isinstance(summary, dict):
+                self.metrics.pulled.labels(feed).inc(summary.get("records", 0))
+                self.metrics.conflicts.inc(summary.get("conflicts", 0))
         if self._progress_shown:
             sys.stderr.write("\n")
             self._progress_shown = False
@@ -135,6 +142,7 @@ class Daemon:
 
     async def _detect(self) -> dict[str, Any]:
         result = await asyncio.to_thread(detect_all, self.engine, self.cfg)
+        self.metrics.dead.inc(result.dead)  # rejected before sending (the body fails ServiceTitan's schema)
         if result.enqueued or result.rows:
             self.wake("dispatch")
         return result.as_dict()
@@ -146,6 +154,10 @@ class Daemon:
 
     async def _dispatch(self) -> dict[str, Any]:
         result = await self.dispatcher.run(self.stopping, grace_seconds=self.cfg.sync.shutdown_grace_seconds)
+        for name, metric in (("rejected", self.metrics.dead), ("conflicts", self.metrics.conflicts)):
+            total = int(result.get(name, 0))  # (answers' outcomes are counted as they come: record_answer)
+            metric.inc(total - self._counted.get(name, 0))
+            self._counted[name] = total
         if self.scheduler is not None and not self.stopping.is_set() and "dispatch" not in self._again:
             # a retry due before the next scheduled run (a 429's Retry-After at the end of a backlog) is sent
             # when it is due, not up to a whole push interval later

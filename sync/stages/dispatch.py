@@ -117,6 +117,8 @@ class DispatchStats:
     checks_failed: int = 0
     changed_remotely: int = 0
     """claimed records found changed in ServiceTitan since their shadow: merged first, their bodies recomputed"""
+    conflicts: int = 0
+    """field conflicts recorded while storing answers"""
     check_age_max_s: float = 0.0
     """the longest time from a check to the send of a record it checked"""
     by_status: dict[str, int] = field(default_factory=dict)
@@ -407,6 +409,7 @@ class Dispatcher:
         if not result.stale:
             shadow.write_shadow(conn, c.entity, c.mirror_id, c.st_id, result.new_shadow)
         conflicts.record_merged(conn, c.entity, c.mirror_id, c.st_id, policy, result.conflicts)
+        self.stats.conflicts += len(result.conflicts)
         for found in result.conflicts:
             self.log.info("outbox.conflict", entity=c.entity, mirror_id=c.mirror_id, st_id=c.st_id,
                           field=found.field, policy=policy, outcome=found.outcome)
