@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from sync.errors import ConfigError
+from sync.log import mask
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,12 @@ def create_app(probes: Probes) -> Starlette:
             await asyncio.wait_for(asyncio.to_thread(probes.database), timeout=5)
             checks["database"] = "ok"
         except Exception as exc:
-            checks["database"] = f"error: {type(exc).__name__}"
+            checks["database"] = f"error: {_why(exc, 'the database did not answer within 5 s')}"
         try:
             await asyncio.wait_for(probes.token(), timeout=10)
             checks["servicetitan_token"] = "ok"  # noqa: S105
         except Exception as exc:
-            checks["servicetitan_token"] = f"error: {type(exc).__name__}"
+            checks["servicetitan_token"] = f"error: {_why(exc, 'no token within 10 s')}"
         checks["scheduler"] = "ok" if probes.scheduler_running() else "not running"
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
@@ -61,6 +62,15 @@ def create_app(probes: Probes) -> Starlette:
                         headers={"X-Scrape-Ms": f"{(time.perf_counter() - started) * 1000:.1f}"})
 
     return Starlette(routes=[Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics)])
+
+
+def _why(exc: BaseException, on_timeout: str) -> str:
+    """A failed readiness check in words: the error's first line, registered secrets masked."""
+    if isinstance(exc, TimeoutError):
+        return on_timeout
+    orig = getattr(exc, "orig", None)  # SQLAlchemy wraps the driver's error
+    text = str(orig if orig is not None else exc).strip().splitlines()
+    return mask(text[0][:300]) if text else type(exc).__name__
 
 
 def bind(listen: str) -> socket.socket:
