@@ -133,7 +133,8 @@ class Daemon:
             sys.stderr.flush()
             self._progress_shown = True
         else:
-            self.log.info("pull.progress", feed=feed, records=records, records_per_second=round(rate, 1))
+            (self.log.info if records else self.log.debug)("pull.progress", feed=feed, records=records,
+                                                           records_per_second=round(rate, 1))
 
     async def detect_job(self) -> dict[str, Any]:
         if self.dry_run:

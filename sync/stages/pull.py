@@ -194,9 +194,11 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
             stored = page.continue_from or stored
             totals.add(stats)
             elapsed = max(time.monotonic() - started, 1e-6)
-            lg.info("pull.page_applied", feed=feed, records=stats.records, applied=stats.applied,
-                    inserted=stats.inserted, unchanged=stats.unchanged, conflicts=stats.conflicts,
-                    skipped=stats.skipped, duration_ms=round((time.monotonic() - page_started) * 1000, 1))
+            # an idle page (nothing new) is DEBUG: a quiet feed must not fill the log
+            (lg.info if stats.records else lg.debug)(
+                "pull.page_applied", feed=feed, records=stats.records, applied=stats.applied, inserted=stats.inserted,
+                unchanged=stats.unchanged, conflicts=stats.conflicts, skipped=stats.skipped,
+                duration_ms=round((time.monotonic() - page_started) * 1000, 1))
             if progress is not None:
                 progress(feed, totals.records, totals.records / elapsed)
             drained = not page.has_more
@@ -224,9 +226,10 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
     if truncated is not None:
         summary["restoring_truncated"] = True
     if drained:
-        lg.info("pull.feed_drained", feed=feed, pages=totals.pages, records=totals.records, applied=totals.applied,
-                inserted=totals.inserted, unchanged=totals.unchanged, conflicts=totals.conflicts,
-                duration_ms=round(duration * 1000, 1), rate=summary["rate"])
+        (lg.info if totals.records else lg.debug)(
+            "pull.feed_drained", feed=feed, pages=totals.pages, records=totals.records, applied=totals.applied,
+            inserted=totals.inserted, unchanged=totals.unchanged, conflicts=totals.conflicts,
+            duration_ms=round(duration * 1000, 1), rate=summary["rate"])
     return summary
 
 

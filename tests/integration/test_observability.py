@@ -1,4 +1,5 @@
-"""Each counter of /metrics moves when its event happens (issue 18): driven through the daemon's own jobs against
+"""What an operator watches (issue 18): each counter of /metrics moves when its event happens, and a quiet feed
+logs nothing at INFO. Driven through the daemon's own jobs against
 the sandbox, read from the registry /metrics serves (``prometheus_client.generate_latest``)."""
 
 from __future__ import annotations
@@ -78,3 +79,16 @@ def test_requests_are_counted_by_status(engine: Engine, cfg: Config, sb: Sandbox
     sql(engine, "UPDATE customers SET name = 'Counted' WHERE id = :m", m=ids[min(ids)])
     seen = scrape(engine, cfg, sb, lambda d: d.detect_job(), lambda d: d.dispatch_job())
     assert seen['stsync_requests_total{entity="customer",status="200"}'] == 1
+
+
+def test_an_idle_pull_logs_nothing_at_info(engine: Engine, cfg: Config, sb: Sandbox) -> None:
+    from structlog.testing import capture_logs
+
+    from tests.pushkit import pull_cycle
+
+    pull_cycle(engine, cfg, sb)  # the initial load: logged at INFO
+    with capture_logs() as events:
+        pull_cycle(engine, cfg, sb)  # nothing new in either feed
+    idle = [e for e in events if e["event"].startswith("pull.")]
+    assert idle, "the idle pull still logs its pages, at DEBUG"
+    assert [e["event"] for e in idle if e["log_level"] != "debug"] == []
