@@ -33,4 +33,7 @@ class ServiceTitanError(StsyncError):
 
 
 class AuthError(ServiceTitanError):
-    """Credentials were refused by ServiceTitan's token endpoint."""
+    """Credentials were refused: by ServiceTitan's token endpoint, or a 401 that a fresh token does not cure
+    (wrong app key or tenant). A configuration error: exit 2, nothing retried (DESIGN.md, failure classes)."""
+
+    exit_code = 2

@@ -74,6 +74,8 @@ class Daemon:
         self._progress_shown = False
         self.errors: list[BaseException] = []
         """What jobs failed with (logged and survived by `run`; `once` reports it in its exit code)."""
+        self.fatal: AuthError | None = None
+        """Credentials refused while running: the daemon stops and ``run_daemon`` raises it (exit 2)."""
         self.listening: socket.socket | None = None
         """The observability socket, bound early by ``run_daemon`` (None: ``run_forever`` binds it)."""
         self._counted: dict[str, int] = {}
@@ -99,6 +101,9 @@ class Daemon:
         except StsyncError as exc:
             self.errors.append(exc)
             self.log.error(f"{job}.failed", error=str(exc))
+            if isinstance(exc, AuthError) and self.scheduler is not None:
+                self.fatal = exc  # a configuration error: `stsync run` stops and exits 2, nothing is retried
+                self.stopping.set()
         except Exception as exc:
             from sqlalchemy.exc import DBAPIError
 
@@ -372,6 +377,8 @@ def run_daemon(cfg: Config, *, dry_run: bool = False) -> None:
     daemon = Daemon(cfg, dry_run=dry_run)
     daemon.listening = sock
     asyncio.run(daemon.run_forever())
+    if daemon.fatal is not None:
+        raise daemon.fatal
 
 
 def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:
@@ -390,7 +397,9 @@ def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:
                     await asyncio.to_thread(workers_mod.leave, d.engine, d.worker)
             await d.close()
         out["duration_s"] = round(time.monotonic() - started, 3)
-        out["errors"] = [f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in d.errors]
+        # our own errors are already one line a user can act on; anything else is named by its class
+        out["errors"] = [str(e).splitlines()[0] if isinstance(e, StsyncError) and str(e) else
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for e in d.errors]
         out["exit_code"] = 2 if any(isinstance(e, AuthError) for e in d.errors) else (1 if d.errors else 0)
         return out
 

@@ -225,6 +225,11 @@ class ServiceTitanClient:
             if resp.status_code == 401 and auth_try == 0:
                 log.info("auth.token_rejected", path=path)
                 continue
+            if resp.status_code == 401:
+                title = body.get("title") if isinstance(body, dict) else None
+                raise AuthError(f"authentication failed: ServiceTitan answered 401 to {method} {path} even with a "
+                                f"fresh token ({str(title or 'no reason given').splitlines()[0][:200]}): check "
+                                "servicetitan.app_key and servicetitan.tenant_id", status=401, body=body)
             retry_after = None
             if resp.status_code == 429:
                 retry_after = parse_retry_after(resp.headers, body)

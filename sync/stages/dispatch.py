@@ -46,6 +46,7 @@ from sync.core.request import Patch
 from sync.core.retry import Outcome, backoff_seconds, classify
 from sync.db import attempts, changelog, conflicts, created, mirror, outbox, rejected, shadow
 from sync.db.engine import bypass_triggers
+from sync.errors import AuthError
 from sync.log import get_logger, redact
 from sync.servicetitan.client import IDS_PER_LIST, ApiResponse, ServiceTitanClient
 
@@ -155,6 +156,8 @@ class Dispatcher:
         """None: no check before sending (``sync.check_before_send: false``)."""
         self._last_check = -1e9
         self._refreshed: dict[int, Any] = {}
+        self.fatal: AuthError | None = None
+        """Credentials refused during a run: it stops and raises this (exit 2)."""
         """outbox id -> the remote version a check already merged for it (never held back twice for one)"""
         self.log = log.bind(worker=worker)
 
@@ -505,6 +508,12 @@ class Dispatcher:
         self.live.add(c.outbox_id)
         try:
             return await self._send_live(c)
+        except AuthError as exc:
+            # the credentials are refused: a configuration error, nothing is retried; the row is given back as it
+            # was (no attempt spent) and the run stops
+            await asyncio.to_thread(self._release_unsent, [c])
+            self.fatal = exc
+            return Outcome.RATE_LIMITED
         finally:
             self.live.discard(c.outbox_id)
 
@@ -612,7 +621,7 @@ class Dispatcher:
         next_reclaim = time.monotonic() + self.cfg.sync.lease_seconds / 2
         limit = self.cfg.servicetitan.max_concurrency
         try:
-            while not stop.is_set():
+            while not stop.is_set() and self.fatal is None:
                 if time.monotonic() >= next_reclaim:  # a busy worker also picks up a dead peer's rows
                     await asyncio.to_thread(self.reclaim_expired)
                     next_reclaim = time.monotonic() + self.cfg.sync.lease_seconds / 2
@@ -673,6 +682,8 @@ class Dispatcher:
                 # their answers will never be recorded: give the rows back now rather than at lease expiry
                 released = self.release_all()
                 self.log.warning("outbox.released_on_stop", count=released)
+        if self.fatal is not None:
+            raise self.fatal
         return self.stats.as_dict()
 
     async def _claim_checked(self, recheck: list[Claim], want: int) -> tuple[list[tuple[Claim, float]], int]:

@@ -546,3 +546,22 @@ def test_once_with_refused_credentials_exits_non_zero(e2e: Env, tmp_path: Any) -
     proc = e2e.stsync(cfg, "once")
     assert "refused the client credentials" in proc.stderr
     assert proc.returncode in (1, 2)
+
+
+@pytest.mark.parametrize("command", ["once", "run"])
+def test_a_wrong_app_key_is_one_line_exit_2_and_nothing_is_retried(e2e: Env, tmp_path: Any, command: str) -> None:
+    e2e.sb.seed(customers=2, locations=1, seed=2)
+    link_mirror(e2e.engine, e2e.sb)
+    sql(e2e.engine, "UPDATE customers SET name = 'Waits For A Key' WHERE id = (SELECT min(id) FROM customers)")
+    cfg = tmp_path / "wrong-key.yaml"
+    cfg.write_text(e2e.config().read_text().replace("app_key: sandbox-app-key", "app_key: not-the-app-key"))
+    proc = e2e.stsync(cfg, command, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("stsync: error: ")]
+    assert errors and all("authentication failed" in line and "servicetitan.app_key" in line for line in errors)
+    # (`run` logs JSON lines to stderr as it goes): no traceback, and the error is its last word
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("stsync: error: authentication failed")
+    # the change waits, unspent, for the right key: nothing was retried into dead
+    assert rows(e2e.engine, "SELECT state, attempts FROM outbox") in ([], [("pending", 0)])
+    assert [r for r in e2e.sb.requests if r.method == "PATCH" and r.status == 200] == []

@@ -327,7 +327,7 @@ def test_a_401_refreshes_the_token_once_and_resends() -> None:
     assert bodies == [name_patch("Ada K"), name_patch("Ada K")]  # the very same request, resent
 
 
-def test_a_second_401_is_returned_not_looped() -> None:
+def test_a_401_a_fresh_token_does_not_cure_is_an_auth_error_not_a_loop() -> None:
     sb = new_sandbox()
     cid = sb.add_customer(name="Ada")["id"]
     cfg = st_config(app_key="not-the-app-key")
@@ -336,9 +336,12 @@ def test_a_second_401_is_returned_not_looped() -> None:
         async with client(sb, cfg) as st:
             return await st.get("customers", cid)
 
-    resp = run(scenario)
-    assert resp.status == 401
-    assert resp.body["title"] == "Application key is not valid, check ST-App-Key header value."
+    with pytest.raises(AuthError) as info:
+        run(scenario)
+    message = str(info.value)
+    assert message.startswith("authentication failed: ServiceTitan answered 401 to GET /customers/")
+    assert "Application key is not valid" in message and "servicetitan.app_key" in message
+    assert "not-the-app-key" not in message and info.value.exit_code == 2
     assert api_count(sb, TOKEN) == 2
     assert sb.counters[GET_CUSTOMER] == {401: 2}
 
