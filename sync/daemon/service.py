@@ -121,7 +121,8 @@ class Daemon:
         return await self._guard("pull", self._pull())
 
     async def _pull(self) -> dict[str, Any]:
-        result: dict[str, Any] = await pull(self.engine, self.client, self.cfg, progress=self._progress)
+        result: dict[str, Any] = await pull(self.engine, self.client, self.cfg, progress=self._progress,
+                                            stop=self.stopping)
         for feed, summary in result.items():
             if isinstance(summary, dict):
                 self.metrics.pulled.labels(feed).inc(summary.get("records", 0))

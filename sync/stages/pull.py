@@ -116,22 +116,25 @@ class _Work:
 
 
 async def pull(engine: Engine, client: ServiceTitanClient, cfg: Config, *, log: Any = None,
-               progress: ProgressCallback | None = None, within: Connection | None = None) -> dict[str, Any]:
-    """Drain the customer feed, then the location feed. Returns ``{feed: summary}``.
+               progress: ProgressCallback | None = None, within: Connection | None = None,
+               stop: asyncio.Event | None = None) -> dict[str, Any]:
+    """Drain the customer feed, then the location feed. Returns ``{feed: summary}``. ``stop`` set (SIGTERM):
+    each feed ends at the next page boundary (what was applied stays applied; the next run goes on from there).
 
     Raises ``ServiceTitanError`` when ServiceTitan answers an export page with an error (after retries for
     transient ones) or with a body that is not ``{hasMore, continueFrom, data}``; the cursor then stays at the
     last page applied.
     """
     lg = log or _log
-    return {NAMES[e].feed: await pull_feed(engine, client, cfg, e, log=lg, progress=progress, within=within)
-            for e in ENTITIES}
+    return {NAMES[e].feed: await pull_feed(engine, client, cfg, e, log=lg, progress=progress, within=within,
+                                           stop=stop)
+            for e in ENTITIES if stop is None or not stop.is_set()}
 
 
 async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, entity: Entity, *,
                     log: Any = None, progress: ProgressCallback | None = None,
-                    within: Connection | None = None) -> dict[str, Any]:
-    """Follow one export feed until ``hasMore`` is false; one transaction per page.
+                    within: Connection | None = None, stop: asyncio.Event | None = None) -> dict[str, Any]:
+    """Follow one export feed until ``hasMore`` is false (or ``stop`` is set); one transaction per page.
 
     ``within``: apply every page in that connection's open transaction instead (the dry run's read-only pull:
     the caller rolls it back after predicting what the real cycle would send).
@@ -180,7 +183,8 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
             # with a warning; the next run goes on from the stored cursor
             stuck = page.has_more and asked is not None and page.continue_from == asked
             over_budget = page.has_more and time.monotonic() - started > cfg.sync.pull_max_seconds_per_run
-            if page.has_more and not stuck and not over_budget:
+            stopping = stop is not None and stop.is_set()
+            if page.has_more and not stuck and not over_budget and not stopping:
                 asked = page.continue_from
                 fetch = asyncio.create_task(_fetch_page(client, cfg, feed, page.continue_from, lg))
             page_started = time.monotonic()
@@ -202,6 +206,10 @@ async def pull_feed(engine: Engine, client: ServiceTitanClient, cfg: Config, ent
             if progress is not None:
                 progress(feed, totals.records, totals.records / elapsed)
             drained = not page.has_more
+            if stop is not None and stop.is_set() and page.has_more:
+                lg.info("pull.stopped", feed=feed, pages=totals.pages, records=totals.records,
+                        hint="stopping: the next run goes on from the stored cursor")
+                break
     finally:
         if fetch is not None:
             fetch.cancel()

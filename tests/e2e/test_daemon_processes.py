@@ -120,6 +120,26 @@ def test_metrics_healthz_and_readyz_answer(e2e: Env) -> None:
         assert stop(proc) == 0
 
 
+@pytest.mark.slow
+def test_sigterm_during_the_initial_load_stops_at_the_next_page_and_the_next_run_goes_on(e2e: Env) -> None:
+    e2e.sb.seed(customers=4000, locations=0, seed=6)
+    e2e.sb.latency_ms = (300, 400)  # every export page takes a while
+    cfg = e2e.config(grace=5)
+    proc = e2e.start(cfg, log_name="initial-load")
+    seen = "SELECT coalesce(sum(records_seen), 0) FROM feed_cursors"
+    wait_for(lambda: rows(e2e.engine, seen)[0][0] > 0, 60, "the first page of the initial load")
+    began = time.monotonic()
+    assert stop(proc, signal.SIGTERM, timeout=30) == 0
+    assert time.monotonic() - began < 5  # at the next page boundary, well within the grace period
+    loaded = rows(e2e.engine, "SELECT count(*) FROM customers")[0][0]
+    assert 0 < loaded < 4000 and loaded == rows(e2e.engine, seen)[0][0]  # what was applied stays applied
+    logs = "".join(p.read_text() for p in e2e.tmp.glob("initial-load-*.log"))
+    assert "pull.stopped" in logs and "Traceback" not in logs and "CancelledError" not in logs
+    e2e.sb.latency_ms = (0, 0)
+    assert e2e.stsync(cfg, "once").returncode == 0
+    assert rows(e2e.engine, "SELECT count(*) FROM customers") == [(4000,)]
+
+
 @pytest.mark.parametrize("where", ["in use", "not on this machine"])
 def test_a_listen_address_that_cannot_be_used_is_one_line_exit_2(e2e: Env, where: str) -> None:
     import socket as socket_mod
