@@ -57,7 +57,11 @@ def retry(conn: Connection, outbox_id: int | None = None, *, all_dead: bool = Fa
             # a newer pending row for the record already carries its latest state
             outbox.mark_superseded(conn, oid)
         else:
-            outbox.reset_to_pending(conn, oid)
+            try:
+                with conn.begin_nested():  # detect may queue a pending row of the record meanwhile (safe while
+                    outbox.reset_to_pending(conn, oid)  # the daemon runs): that row then carries it
+            except IntegrityError:
+                outbox.mark_superseded(conn, oid)
         mirror.mark_retried(conn, "customer" if entity == "customer" else "location", mirror_id)
         n += 1
     notify(conn, "retry")

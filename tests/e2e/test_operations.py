@@ -509,3 +509,36 @@ def test_held_deletes_are_listed_released_and_sent_by_the_commands(e2e: Env) -> 
     assert all(e2e.sb.get_location(s)["active"] is False for s in doomed)
     usage = e2e.stsync(cfg, "outbox", "discard")
     assert usage.returncode == 2 and "give one outbox ID or --held" in usage.stderr
+
+
+def test_retry_all_dead_while_detect_queues_a_row_of_the_same_record_supersedes_instead_of_failing(
+        e2e: Env) -> None:
+    import threading
+
+    from sync.commands import outbox as outbox_admin
+
+    d = make_dead_rows(e2e)
+    entity, mid = rows(e2e.engine, "SELECT entity, mirror_id FROM outbox WHERE id = :o", o=d.alien_oid)[0]
+    detect_like = e2e.engine.connect()
+    tx = detect_like.begin()  # a detect transaction that has queued a pending row of the record, not committed
+    detect_like.execute(text("INSERT INTO outbox (entity, mirror_id, st_id, payload, diff) "
+                             "VALUES (:e, :m, NULL, '{}', '{}')"), {"e": entity, "m": mid})
+    done: list[Any] = []
+
+    def operator() -> None:
+        try:
+            with e2e.engine.begin() as conn:
+                done.append(outbox_admin.retry(conn, all_dead=True))
+        except Exception as exc:  # the test reports it
+            done.append(exc)
+
+    t = threading.Thread(target=operator)
+    t.start()
+    time.sleep(1.0)  # the retry now waits on the one-pending-row index for the detect transaction
+    tx.commit()
+    detect_like.close()
+    t.join(30)
+    assert done and not isinstance(done[0], Exception), done
+    assert outbox_row(e2e, d.alien_oid)["state"] == "superseded"
+    assert rows(e2e.engine, "SELECT count(*) FROM outbox WHERE entity = :e AND mirror_id = :m AND state = 'pending'",
+                e=entity, m=mid) == [(1,)]
