@@ -234,7 +234,8 @@ def outbox_list(obj: Ctx, state: str | None, entity: str | None, limit: int, as_
     with _engine(obj).connect() as conn:
         rows = outbox_admin.list_rows(conn, state=state, entity=entity, limit=limit)
     echo(json.dumps(rows, indent=2) if as_json else _table(
-        rows, ["id", "entity", "mirror_id", "st_id", "state", "attempts", "last_status", "updated_at", "error"]))
+        rows, ["id", "entity", "mirror_id", "st_id", "state", "attempts", "last_status", "updated_at", "error",
+               "fields"]))
 
 
 @outbox.command("show")

@@ -28,7 +28,16 @@ def _iso(v: Any) -> Any:
 
 
 def list_rows(conn: Connection, *, state: str | None, entity: str | None, limit: int) -> list[dict[str, Any]]:
-    return [{k: _iso(v) for k, v in r.items()} for r in outbox.list_rows(conn, state=state, entity=entity, limit=limit)]
+    """Newest first; ``fields``: the field errors in one line (ServiceTitan's ``errors``, or the schema's
+    problems of a body never sent), e.g. ``address.zip: The Zip field is required.``."""
+    out = []
+    for r in outbox.list_rows(conn, state=state, entity=entity, limit=limit):
+        row = {k: _iso(v) for k, v in r.items() if k != "field_errors"}
+        errors = r.get("field_errors")
+        row["fields"] = "; ".join(f"{k}: {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                                  for k, v in sorted(errors.items())) if isinstance(errors, dict) else None
+        out.append(row)
+    return out
 
 
 def show(conn: Connection, outbox_id: int) -> dict[str, Any]:

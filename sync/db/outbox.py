@@ -382,9 +382,10 @@ def dead_local_change_times(conn: Connection, entity: str, mirror_ids: Sequence[
 
 def list_rows(conn: Connection, *, state: str | None, entity: str | None, limit: int) -> list[dict[str, Any]]:
     return [dict(r) for r in conn.execute(text("""
-        SELECT id, entity, mirror_id, st_id, state, attempts, last_status, next_attempt_at, created_at, updated_at,
-               coalesce(last_error->>'title', last_error->>'message') AS error,
-               last_error->>'title' AS error_title, last_error->>'message' AS error_message
+        SELECT id, entity, mirror_id, st_id, operation, state, attempts, last_status, next_attempt_at, created_at,
+               updated_at, coalesce(last_error->>'title', last_error->>'message') AS error,
+               last_error->>'title' AS error_title, last_error->>'message' AS error_message,
+               coalesce(last_error->'errors', last_error->'validation') AS field_errors
         FROM outbox WHERE (CAST(:s AS text) IS NULL OR state = :s) AND (CAST(:e AS text) IS NULL OR entity = :e)
         ORDER BY id DESC LIMIT :n"""), {"s": state, "e": entity, "n": limit}).mappings()]
 

@@ -22,7 +22,8 @@ from tests.pushkit import link_mirror, rows, sql
 
 GUID = "5f2b8a7e-3c1d-4e6f-9a0b-1c2d3e4f5a6b"
 UNKNOWN_TAG = 999999
-TABLE_COLUMNS = ["id", "entity", "mirror_id", "st_id", "state", "attempts", "last_status", "updated_at", "error"]
+TABLE_COLUMNS = ["id", "entity", "mirror_id", "st_id", "state", "attempts", "last_status", "updated_at", "error",
+                 "fields"]
 
 
 @dataclass
@@ -141,7 +142,8 @@ def test_outbox_list_and_show_on_real_dead_rows(e2e: Env) -> None:
         assert cells[1:6] == [entity, str(mirror_id), str(st_id), state, str(attempts)]
     tag_line = next(line for line in table[1:] if int(line.split()[0]) == d.tag_oid)
     assert " dead " in tag_line and " 400 " in tag_line
-    assert tag_line.rstrip().endswith("One or more validation errors occurred.")
+    assert "One or more validation errors occurred." in tag_line
+    assert tag_line.rstrip().endswith(f"tagTypeIds: Tag type {UNKNOWN_TAG} does not exist.")  # the field errors
     alien_line = next(line for line in table[1:] if int(line.split()[0]) == d.alien_oid)
     assert "request body fails ServiceTitan's schema" in alien_line  # the reason shows for never-sent rows too
 
@@ -154,6 +156,9 @@ def test_outbox_list_and_show_on_real_dead_rows(e2e: Env) -> None:
     assert by_id[d.tag_oid]["error_title"] == "One or more validation errors occurred."
     assert (by_id[d.alien_oid]["attempts"], by_id[d.alien_oid]["last_status"]) == (0, None)
     assert "'Alien' is not one of" in by_id[d.alien_oid]["error_message"]
+    assert by_id[d.alien_oid]["fields"].startswith("type: 'Alien' is not one of")
+    assert by_id[d.tag_oid]["fields"] == f"tagTypeIds: Tag type {UNKNOWN_TAG} does not exist."
+    assert by_id[d.tag_oid]["operation"] == "update"
     assert by_id[d.ok_oid]["error_title"] is None and by_id[d.ok_oid]["error_message"] is None
 
     dead_table = ok(e2e.stsync(d.cfg, "outbox", "list", "--state", "dead")).stdout.strip().splitlines()
