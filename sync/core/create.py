@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import Any
+from typing import Any, Literal
 
 from sync.core import openapi
 from sync.core.diff import Diff, strip_key
@@ -85,6 +85,33 @@ def build_location_create(location: Mapping[str, Any], mirror_id: int, *, applic
         problems.setdefault("customer_id", []).append(
             "the location's customer is not in ServiceTitan yet: it is created with that customer")
     return Patch(body, with_schema_problems("location", CREATE_SCHEMAS["location"], body, problems))
+
+
+CreateKind = Literal["send", "wait", "rides"]
+"""What a row without ``st_id`` becomes now: ``send`` its create (the body may fail the schema: then it is dead,
+unsent), ``wait`` (a customer with no new location yet) or ``rides`` (a location of a customer being created:
+it goes in that customer's POST)."""
+
+NO_CUSTOMER = {"customer_id": ["a location is created for a customer: set customer_id to the mirror id of its "
+                               "customers row"]}
+
+
+def plan_create(entity: Entity, mirror_id: int, record: Mapping[str, Any], customer_id: int | None,
+                locations: Sequence[tuple[int, Mapping[str, Any]]], *, application_guid: str,
+                mirror_id_key: str = "mirrorId") -> tuple[CreateKind, Patch | None]:
+    """The one decision detect, the dispatcher's claim and the dry run take for a row without ``st_id``
+    (``customer_id``: a location's mirror customer id; ``locations``: a customer's new location rows)."""
+    if entity == "customer":
+        if not locations:
+            return "wait", None
+        return "send", build_customer_create(record, mirror_id, locations, application_guid=application_guid,
+                                             mirror_id_key=mirror_id_key)
+    if customer_id is None:
+        return "send", Patch({}, {k: list(v) for k, v in NO_CUSTOMER.items()})
+    if record.get(CUSTOMER_LINK) is None:
+        return "rides", None
+    return "send", build_location_create(record, mirror_id, application_guid=application_guid,
+                                         mirror_id_key=mirror_id_key)
 
 
 ANSWER_SCHEMAS = {

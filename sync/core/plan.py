@@ -93,10 +93,6 @@ WAITING_FOR_LOCATION = sync_error(
     "waiting for a location: ServiceTitan creates a customer only together with one; insert a locations row "
     "with customer_id = this row's id and both are created in one request")
 
-NO_CUSTOMER = {"customer_id": ["a location is created for a customer: set customer_id to the mirror id of its "
-                               "customers row"]}
-
-
 def dead_answer(entity: Entity, status: int, attempt: int, error_body: Any, error: str | None, outbox_id: int) -> str:
     """The mirror row's ``sync_error`` when ServiceTitan's answers end a change dead (status 0: no answer)."""
     errors = error_body.get("errors") if isinstance(error_body, dict) else None

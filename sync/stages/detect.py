@@ -15,12 +15,11 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from sync.config import Config
-from sync.core.create import build_customer_create, build_location_create, create_diff
+from sync.core.create import create_diff, plan_create
 from sync.core.diff import unconfirmed_versions
-from sync.core.fields import CUSTOMER_LINK, ENTITIES, NAMES, Entity
+from sync.core.fields import ENTITIES, NAMES, Entity
 from sync.core.plan import (
     LOCAL_ONLY_ERROR,
-    NO_CUSTOMER,
     WAITING_FOR_LOCATION,
     deactivation,
     plan_record,
@@ -28,7 +27,6 @@ from sync.core.plan import (
     read_only_error,
     sync_error,
 )
-from sync.core.request import Patch
 from sync.db import changelog, mirror, outbox, rejected, shadow, tombstones
 from sync.db.engine import bypass_triggers
 from sync.log import get_logger
@@ -197,42 +195,28 @@ def _plan_creates(conn: Connection, cfg: Config, entity: Entity, rows: dict[int,
                     "o": "create"})
         result.creates += 1
 
-    if entity == "customer":
-        new_locations = mirror.new_locations_of(conn, rows)
-        for mid, row in rows.items():
-            locs = new_locations.get(mid, [])
-            if not locs:
-                waiting.append(mid)
-                continue
-            patch = build_customer_create(row.record, mid, locs, application_guid=settings.application_guid,
-                                          mirror_id_key=settings.mirror_id_key)
-            if not patch.valid:
-                oid = rejected.record(conn, entity, row, {}, patch)
-                for lmid, _ in locs:
-                    mirror.mark_error(conn, "location", lmid, sync_error(
-                        f"not created: its customer's create (outbox row {oid}) fails ServiceTitan's schema",
-                        columns=sorted(patch.problems), outbox_id=oid))
-                result.dead += 1
-                continue
-            times = [edited_at.get(("customer", mid)), *(edited_at.get(("location", m)) for m, _ in locs)]
-            queue(mid, patch.body, times, locs)
-            riding += [m for m, _ in locs]
-    else:
-        for mid, row in rows.items():
-            if row.customer_id is None:
-                rejected.record(conn, entity, row, {}, Patch({}, dict(NO_CUSTOMER)))
-                result.dead += 1
-                continue
-            if row.record.get(CUSTOMER_LINK) is None:
-                riding.append(mid)  # its customer is new too: detect_batch queued that customer's create
-                continue
-            patch = build_location_create(row.record, mid, application_guid=settings.application_guid,
-                                          mirror_id_key=settings.mirror_id_key)
-            if not patch.valid:
-                rejected.record(conn, entity, row, {}, patch)
-                result.dead += 1
-                continue
-            queue(mid, patch.body, [edited_at.get((entity, mid))])
+    new_locations = mirror.new_locations_of(conn, rows) if entity == "customer" else {}
+    for mid, row in rows.items():
+        locs = new_locations.get(mid, [])
+        kind, patch = plan_create(entity, mid, row.record, row.customer_id, locs,
+                                  application_guid=settings.application_guid, mirror_id_key=settings.mirror_id_key)
+        if kind == "wait":
+            waiting.append(mid)
+            continue
+        if kind == "rides" or patch is None:
+            riding.append(mid)  # its customer is new too: detect_batch queued that customer's create
+            continue
+        if not patch.valid:
+            oid = rejected.record(conn, entity, row, {}, patch)
+            for lmid, _ in locs:
+                mirror.mark_error(conn, "location", lmid, sync_error(
+                    f"not created: its customer's create (outbox row {oid}) fails ServiceTitan's schema",
+                    columns=sorted(patch.problems), outbox_id=oid))
+            result.dead += 1
+            continue
+        times = [edited_at.get((entity, mid)), *(edited_at.get(("location", m)) for m, _ in locs)]
+        queue(mid, patch.body, times, locs)
+        riding += [m for m, _ in locs]
     if waiting:
         result.superseded += outbox.supersede_pending(conn, entity, waiting)
         n = mirror.mark_waiting(conn, waiting, WAITING_FOR_LOCATION)
@@ -314,15 +298,12 @@ def preview_in(conn: Connection, cfg: Config) -> list[dict[str, Any]]:
         for mid in sorted(rows):
             row, base = rows[mid], shadows.get(mid)
             if row.st_id is None:
-                create: Patch | None = None
-                if entity == "customer" and new_locations.get(mid):
-                    create = build_customer_create(row.record, mid, new_locations[mid],
-                                                   application_guid=settings.application_guid,
-                                                   mirror_id_key=settings.mirror_id_key)
-                elif entity == "location" and row.record.get(CUSTOMER_LINK) is not None:
-                    create = build_location_create(row.record, mid, application_guid=settings.application_guid,
-                                                   mirror_id_key=settings.mirror_id_key)
-                if create is not None:  # (a customer alone waits; a new customer's location rides in its POST)
+                kind, create = plan_create(entity, mid, row.record, row.customer_id, new_locations.get(mid, []),
+                                           application_guid=settings.application_guid,
+                                           mirror_id_key=settings.mirror_id_key)
+                # (a customer alone waits, a new customer's location rides in its POST, one without a customer
+                # is dead unsent)
+                if kind == "send" and create is not None and create.body:
                     out.append({"entity": entity, "mirror_id": mid, "st_id": None, "method": "POST",
                                 "path": f"/{NAMES[entity].collection}", "body": create.body,
                                 "valid": create.valid, "problems": create.problems})

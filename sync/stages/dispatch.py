@@ -23,11 +23,10 @@ from sqlalchemy import Connection, Engine
 from sync.config import Config
 from sync.core import merge, openapi
 from sync.core.create import (
-    build_customer_create,
-    build_location_create,
     create_diff,
     mirror_id_of,
     new_location_ids,
+    plan_create,
     sent_values,
 )
 from sync.core.diff import sent_values as diff_sent_values
@@ -40,9 +39,8 @@ from sync.core.fields import (
     parse_timestamp,
     record_from_api,
 )
-from sync.core.plan import NO_CUSTOMER, WAITING_FOR_LOCATION, dead_answer, not_a_record, plan_record
+from sync.core.plan import WAITING_FOR_LOCATION, dead_answer, not_a_record, plan_record
 from sync.core.presend import changed_since
-from sync.core.request import Patch
 from sync.core.retry import Outcome, backoff_seconds, classify
 from sync.db import attempts, changelog, conflicts, created, mirror, outbox, rejected, shadow
 from sync.db.engine import bypass_triggers
@@ -156,9 +154,9 @@ class Dispatcher:
         """None: no check before sending (``sync.check_before_send: false``)."""
         self._last_check = -1e9
         self._refreshed: dict[int, Any] = {}
+        """outbox id -> the remote version a check already merged for it (never held back twice for one)"""
         self.fatal: AuthError | None = None
         """Credentials refused during a run: it stops and raises this (exit 2)."""
-        """outbox id -> the remote version a check already merged for it (never held back twice for one)"""
         self.log = log.bind(worker=worker)
 
     # ----------------------------------------------------------------------------------- database
@@ -254,31 +252,24 @@ class Dispatcher:
         with its new locations), or nothing to send (a customer with no location waits; a location of a new
         customer goes in that customer's create), or dead unsent (the body fails the schema)."""
         settings = self.cfg.patch_settings()
-        patch: Patch | None = None
-        if entity == "customer":
-            if not locations:
-                outbox.supersede_claimed(conn, oid)
-                mirror.mark_waiting(conn, [row.mirror_id], WAITING_FOR_LOCATION)
-                self.stats.superseded += 1
-                return None
-            patch = build_customer_create(row.record, row.mirror_id, locations,
-                                          application_guid=settings.application_guid,
-                                          mirror_id_key=settings.mirror_id_key)
-        elif row.customer_id is None:
-            patch = Patch({}, dict(NO_CUSTOMER))
-        elif row.record.get(CUSTOMER_LINK) is None:
-            outbox.supersede_claimed(conn, oid)  # its customer's create carries it
-            changelog.log_recheck(conn, "customer", [row.customer_id])
+        kind, patch = plan_create(entity, row.mirror_id, row.record, row.customer_id, locations,
+                                  application_guid=settings.application_guid, mirror_id_key=settings.mirror_id_key)
+        if kind == "wait":
+            outbox.supersede_claimed(conn, oid)
+            mirror.mark_waiting(conn, [row.mirror_id], WAITING_FOR_LOCATION)
             self.stats.superseded += 1
             return None
-        elif outbox.carried_in_flight(conn, row.mirror_id):
+        if kind == "rides" or patch is None:
+            outbox.supersede_claimed(conn, oid)  # its customer's create carries it
+            if row.customer_id is not None:
+                changelog.log_recheck(conn, "customer", [row.customer_id])
+            self.stats.superseded += 1
+            return None
+        if entity == "location" and patch.valid and outbox.carried_in_flight(conn, row.mirror_id):
             # a customer's create that carries it is on its way: its answer (or the lookup after it) decides
             outbox.requeue(conn, oid, entity, row.mirror_id, delay_s=self.cfg.servicetitan.timeout_seconds,
                            attempts=tries, status=None, error=None)
             return None
-        else:
-            patch = build_location_create(row.record, row.mirror_id, application_guid=settings.application_guid,
-                                          mirror_id_key=settings.mirror_id_key)
         if not patch.valid:
             rejected.record(conn, entity, row, {}, patch, outbox_id=oid)
             self.stats.rejected += 1
