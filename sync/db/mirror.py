@@ -127,19 +127,9 @@ def new_customers_of(conn: Connection, location_ids: Iterable[int]) -> set[int]:
 
 
 def has_unlinked(conn: Connection, entity: Entity) -> bool:
-    """Some row of ``entity`` has no ``st_id`` (inserted locally: it may be created in ServiceTitan), or was
-    deleted before its create was answered (a tombstone without ``st_id`` whose create may have gone out)."""
-    return bool(conn.execute(text(f"""SELECT EXISTS (SELECT 1 FROM {NAMES[entity].table} WHERE st_id IS NULL)
-                                      OR EXISTS (SELECT 1 FROM tombstones t
-                                                 WHERE t.entity = :e AND t.st_id IS NULL AND EXISTS (
-                                                     SELECT 1 FROM outbox o WHERE o.operation = 'create'
-                                                     AND (o.attempts > 0 OR o.unconfirmed IS NOT NULL
-                                                          OR o.sent_at IS NOT NULL)
-                                                     AND ((o.entity = t.entity AND o.mirror_id = t.mirror_id)
-                                                          OR (t.entity = 'location' AND o.entity = 'customer'
-                                                              AND o.diff -> 'locations'
-                                                                  ? CAST(t.mirror_id AS text)))))"""),
-                             {"e": entity}).scalar_one())
+    """Some row of ``entity`` has no ``st_id`` (inserted locally: it may be created in ServiceTitan)."""
+    return bool(conn.execute(text(f"SELECT EXISTS (SELECT 1 FROM {NAMES[entity].table} WHERE st_id IS NULL)"))
+                .scalar_one())
 
 
 def link(conn: Connection, entity: Entity, mirror_id: int, st_id: int) -> bool:

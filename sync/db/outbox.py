@@ -172,14 +172,31 @@ _MAYBE_SENT = "(o.attempts > 0 OR o.unconfirmed IS NOT NULL OR o.sent_at IS NOT 
 """SQL over ``outbox o``: a row whose request may have gone out (answered or not)."""
 
 
+def _created_maybe(entity: str, mirror_id: str) -> str:
+    """SQL over ``outbox o``: a create of the record (``entity``, ``mirror_id``: SQL expressions) may have reached
+    ServiceTitan: one of its own create rows may have been sent, or, for a location, a customer's create that
+    carried it (``diff.locations`` names it)."""
+    return f"""o.operation = 'create' AND {_MAYBE_SENT}
+               AND ((o.entity = {entity} AND o.mirror_id = {mirror_id})
+                    OR ({entity} = 'location' AND o.entity = 'customer'
+                        AND o.diff -> 'locations' ? CAST({mirror_id} AS text)))"""
+
+
 def create_maybe_sent(conn: Connection, entity: str, mirror_id: int, *, except_id: int) -> bool:
-    """A create of this record may have reached ServiceTitan before: one of its create rows (any state) may have
-    been sent, or, for a location, a customer's create that carried it. Then a create is looked up first."""
-    return conn.execute(text(f"""SELECT EXISTS (SELECT 1 FROM outbox o WHERE o.operation = 'create' AND {_MAYBE_SENT}
-                                 AND ((o.entity = :e AND o.mirror_id = :m AND o.id <> :x)
-                                      OR (:e = 'location' AND o.entity = 'customer'
-                                          AND o.diff -> 'locations' ? CAST(:m AS text))))"""),
+    """A create of this record may have reached ServiceTitan before (any state of its rows but ``except_id``, the
+    claim being planned). Then a create is looked up first."""
+    return conn.execute(text(f"""SELECT EXISTS (SELECT 1 FROM outbox o WHERE o.id <> :x
+                                 AND {_created_maybe(':e', ':m')})"""),
                         {"e": entity, "m": mirror_id, "x": except_id}).scalar_one() is True
+
+
+def deleted_create_maybe_sent(conn: Connection, entity: str) -> bool:
+    """A row deleted before its create was answered: a tombstone without ``st_id`` whose create may have reached
+    ServiceTitan (the pull must then look new records up: the record may be ours, to bury)."""
+    return conn.execute(text(f"""SELECT EXISTS (SELECT 1 FROM tombstones t WHERE t.entity = :e AND t.st_id IS NULL
+                                 AND EXISTS (SELECT 1 FROM outbox o
+                                             WHERE {_created_maybe('t.entity', 't.mirror_id')}))"""),
+                        {"e": entity}).scalar_one() is True
 
 
 def carried_in_flight(conn: Connection, location_id: int) -> bool:

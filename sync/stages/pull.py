@@ -361,9 +361,9 @@ async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, c
 async def _find_ours(engine: Engine, client: ServiceTitanClient, cfg: Config, entity: Entity, data: list[Any],
                      fetched: Mapping[int, Any], log: Any) -> Links:
     """Which records new to the mirror carry a mirror id of ours. Only asked while the mirror has rows without
-    ``st_id`` (creates): the new records are listed by id with our application guid (the feeds never show our
-    external data), 50 per request. A failed lookup fails the page: a record of ours must never become a
-    second mirror row."""
+    ``st_id`` (creates), or deleted rows whose create may have gone out (to bury): the new records are listed by
+    id with our application guid (the feeds never show our external data), 50 per request. A failed lookup
+    fails the page: a record of ours must never become a second mirror row."""
     key, guid = cfg.servicetitan.mirror_id_key, cfg.servicetitan.application_guid
     asked: dict[Entity, set[int]] = {entity: {r["id"] for r in data if isinstance(r, dict)
                                               and isinstance(r.get("id"), int) and not isinstance(r.get("id"), bool)}}
@@ -374,7 +374,7 @@ async def _find_ours(engine: Engine, client: ServiceTitanClient, cfg: Config, en
         out: dict[Entity, list[int]] = {}
         with connect(engine) as conn:
             for e, ids in asked.items():
-                if ids and mirror.has_unlinked(conn, e):
+                if ids and (mirror.has_unlinked(conn, e) or outbox.deleted_create_maybe_sent(conn, e)):
                     known = mirror.mirror_ids_by_st_id(conn, e, ids)
                     out[e] = sorted(i for i in ids if i not in known)
         return out
