@@ -82,9 +82,11 @@ def check_config(obj: Ctx) -> None:
 @cli.command()
 @click.option("--revision", default="head", show_default=True, help="Target revision.")
 @click.option("--downgrade", is_flag=True, help="Downgrade to --revision instead (e.g. base).")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
+              help="Wait up to SECONDS for the database to answer first (e.g. a compose file's first start).")
 @click.pass_obj
 @friendly_errors
-def migrate(obj: Ctx, revision: str, downgrade: bool) -> None:
+def migrate(obj: Ctx, revision: str, downgrade: bool, wait_s: float) -> None:
     """Create or upgrade the mirror schema (alembic upgrade head); a second run is a no-op."""
     from sync.db import engine as db
     from sync.log import get_logger
@@ -92,6 +94,9 @@ def migrate(obj: Ctx, revision: str, downgrade: bool) -> None:
     cfg = obj.config()
     engine = db.make_engine(cfg.database_url(), cfg.db_schema)
     log = get_logger("stsync.migrate", schema=cfg.db_schema)
+    if wait_s:
+        db.wait_until_answers(engine, wait_s, on_wait=lambda exc, pause: log.warning(
+            "migrate.waiting_for_database", error=str(exc), retry_in_s=round(pause, 2)))
     if downgrade:
         db.downgrade(engine, cfg.db_schema, revision)
     else:

@@ -19,6 +19,13 @@ class DatabaseError(StsyncError):
     """The database is unreachable, or its schema is not what this version of stsync expects."""
 
 
+class DatabaseAccessError(DatabaseError):
+    """The database answered and refused: no such role, a wrong password, no such database, no pg_hba entry.
+    A configuration error: exit 2, not waited out (waiting would never cure it)."""
+
+    exit_code = 2
+
+
 class MigrationRequiredError(DatabaseError):
     """The schema is behind (or ahead of) this version of stsync."""
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -107,3 +108,67 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float 
     if proc.poll() is None:
         proc.send_signal(sig)
     return proc.wait(timeout=timeout)
+
+
+class Forwarder:
+    """A TCP port on loopback that forwards to the test server (TCP or its unix socket), opened when the test
+    says so: a database that is down, then starts, without restarting the shared server."""
+
+    def __init__(self, server_url: str) -> None:
+        from sqlalchemy.engine import make_url
+
+        u = make_url(server_url)
+        socket_dir = u.query.get("host")
+        self._target: tuple[int, Any] = (
+            (socket.AF_UNIX, os.path.join(str(socket_dir), f".s.PGSQL.{u.port or 5432}")) if socket_dir
+            else (socket.AF_INET, (u.host or "127.0.0.1", u.port or 5432)))
+        self.port = free_port()
+        self.url = u.set(host="127.0.0.1", port=self.port, query={}).render_as_string(hide_password=False)
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._stop = False
+
+    def database_url(self, database: str) -> str:
+        from sqlalchemy.engine import make_url
+
+        return make_url(self.url).set(database=database).render_as_string(hide_password=False)
+
+    def open(self) -> None:
+        import threading
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        listener.settimeout(0.2)
+        self._listener = listener
+
+        def pipe(src: socket.socket, dst: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+        def accept() -> None:
+            while not self._stop:
+                try:
+                    client, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                client.settimeout(None)
+                upstream = socket.socket(self._target[0], socket.SOCK_STREAM)
+                self._sockets += [client, upstream]
+                upstream.connect(self._target[1])
+                threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+        threading.Thread(target=accept, daemon=True).start()
+
+    def close(self) -> None:
+        self._stop = True
+        for s in [*self._sockets, *([self._listener] if self._listener else [])]:
+            with contextlib.suppress(OSError):
+                s.close()

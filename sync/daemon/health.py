@@ -31,7 +31,8 @@ class Probes:
     """Raises when the database does not answer (run in a thread)."""
     token: Callable[[], Awaitable[Any]]
     """Raises when no ServiceTitan token can be had."""
-    scheduler_running: Callable[[], bool]
+    scheduler: Callable[[], str]
+    """``ok``, or why the jobs are not running (``not started: waiting for the database: ...``, ``stopping``)."""
     registry: CollectorRegistry
 
 
@@ -51,7 +52,7 @@ def create_app(probes: Probes) -> Starlette:
             checks["servicetitan_token"] = "ok"  # noqa: S105
         except Exception as exc:
             checks["servicetitan_token"] = f"error: {_why(exc, 'no token within 10 s')}"
-        checks["scheduler"] = "ok" if probes.scheduler_running() else "not running"
+        checks["scheduler"] = probes.scheduler()
         ready = all(v == "ok" for v in checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 

@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import sys
-import threading
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -28,8 +27,8 @@ from sync.daemon.health import Probes, bind, serve
 from sync.daemon.listener import NotifyListener
 from sync.daemon.metrics import Metrics
 from sync.db import workers as workers_mod
-from sync.db.engine import bypass_triggers, check_current, make_engine, notify_channel, ping
-from sync.errors import AuthError, DatabaseError, MigrationRequiredError, StsyncError
+from sync.db.engine import bypass_triggers, check_current, make_engine, notify_channel, ping, refused
+from sync.errors import AuthError, DatabaseAccessError, DatabaseError, MigrationRequiredError, StsyncError
 from sync.log import get_logger
 from sync.servicetitan import client as client_mod
 from sync.servicetitan.client import ServiceTitanClient
@@ -74,8 +73,10 @@ class Daemon:
         self._progress_shown = False
         self.errors: list[BaseException] = []
         """What jobs failed with (logged and survived by `run`; `once` reports it in its exit code)."""
-        self.fatal: AuthError | None = None
+        self.fatal: AuthError | DatabaseAccessError | None = None
         """Credentials refused while running: the daemon stops and ``run_daemon`` raises it (exit 2)."""
+        self.waiting_for: str | None = None
+        """Why the jobs have not started yet (/readyz says it)."""
         self.listening: socket.socket | None = None
         """The observability socket, bound early by ``run_daemon`` (None: ``run_forever`` binds it)."""
         self._counted: dict[str, int] = {}
@@ -101,7 +102,7 @@ class Daemon:
         except StsyncError as exc:
             self.errors.append(exc)
             self.log.error(f"{job}.failed", error=str(exc))
-            if isinstance(exc, AuthError) and self.scheduler is not None:
+            if isinstance(exc, AuthError | DatabaseAccessError) and self.scheduler is not None:
                 self.fatal = exc  # a configuration error: `stsync run` stops and exits 2, nothing is retried
                 self.stopping.set()
         except Exception as exc:
@@ -109,7 +110,12 @@ class Daemon:
 
             self.errors.append(exc)
             if isinstance(exc, DBAPIError):
-                self.log.error(f"{job}.failed", error="database: " + str(exc.orig or exc).strip().splitlines()[0])
+                said = str(exc.orig or exc).strip().splitlines()[0]
+                self.log.error(f"{job}.failed", error="database: " + said)
+                if refused(exc) and self.scheduler is not None:  # e.g. the role's password changed while running
+                    self.fatal = DatabaseAccessError(f"the database refused stsync: {said}: check the user, "
+                                                     "password and database name of database.url")
+                    self.stopping.set()
             else:
                 self.log.exception(f"{job}.crashed", error=repr(exc))
         return {"error": True}
@@ -272,14 +278,55 @@ class Daemon:
             "dispatch": await self.dispatch_job(),
         }
 
-    async def run_forever(self) -> None:
-        cfg = self.cfg.sync
+    async def run_forever(self, *, wait_for_database: bool = False) -> None:
+        """Serve /healthz at once, wait for the database if asked (``run_daemon``), then run the jobs until
+        SIGTERM/SIGINT."""
         # bound first: an address that cannot be used stops the daemon with one line before anything started
         sock = self.listening or (bind(self.cfg.observability.listen) if self.cfg.observability.listen else None)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, self.stopping.set)
+        # alive from the first second: a liveness probe must not restart a pod that waits for its database
+        http = asyncio.create_task(serve(self.probes(), sock, self.stopping)) if sock is not None else None
+        try:
+            if wait_for_database and not await self._wait_for_database():
+                self.log.info("daemon.stopped", reason="signal while waiting for the database")
+                return
+            await self._run_jobs()
+        finally:
+            self.stopping.set()
+            if http is not None:
+                await asyncio.wait({http}, timeout=5)
+            await self.close()
+
+    async def _wait_for_database(self, max_backoff: float = 30.0) -> bool:
+        """Until the database answers and its schema is current; False if stopped while waiting.
+
+        An outage at start is waited out with backoff (logged once per try), not crash-looped; a refusal
+        (DatabaseAccessError) or a schema that needs `stsync migrate` is an error at once.
+        """
+        backoff = 1.0
+        while True:
+            self.waiting_for = "waiting for the database"
+            try:
+                await asyncio.to_thread(check_current, self.engine, self.cfg.db_schema)
+                self.waiting_for = None
+                return True
+            except (MigrationRequiredError, DatabaseAccessError):
+                raise
+            except DatabaseError as exc:
+                self.waiting_for = f"waiting for the database: {exc}"
+                self.log.error("daemon.database_unreachable", error=str(exc), retry_in_s=backoff)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), backoff)
+                if self.stopping.is_set():
+                    return False
+                backoff = min(backoff * 2, max_backoff)
+
+    async def _run_jobs(self) -> None:
+        cfg = self.cfg.sync
+        loop = asyncio.get_running_loop()
         sched = AsyncIOScheduler(job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 3600})
         jobs = [(self.pull_job, "pull", cfg.pull_interval_seconds, True),
                 (self.detect_job, "detect", cfg.push_interval_seconds, True),
@@ -296,9 +343,6 @@ class Daemon:
             await self.workers_job_guarded()  # know the replica count before the first request
         sched.start()
         listener.start()
-        http = None
-        if sock is not None:
-            http = asyncio.create_task(serve(self.probes(), sock, self.stopping))
         self.log.info("daemon.started", dry_run=self.dry_run, schema=self.cfg.db_schema,
                       listen=self.cfg.observability.listen)
         try:
@@ -311,11 +355,8 @@ class Daemon:
             if self._running:  # the dispatcher finishes or releases its in-flight rows within the grace period
                 await asyncio.wait(set(self._running), timeout=grace + 5)
             sched.shutdown(wait=False)  # (this cancels whatever job is still running)
-            if http is not None:
-                await asyncio.wait({http}, timeout=5)
             with contextlib.suppress(Exception):
                 await asyncio.to_thread(workers_mod.leave, self.engine, self.worker)
-            await self.close()
             self.log.info("daemon.stopped")
 
     def probes(self) -> Probes:
@@ -325,12 +366,16 @@ class Daemon:
             with self.engine.connect() as conn:
                 ping(conn)
 
-        def scheduler_running() -> bool:
+        def scheduler() -> str:
             sched = self.scheduler
-            return sched is not None and sched.running and not self.stopping.is_set()
+            if self.stopping.is_set():
+                return "stopping"
+            if sched is None or not sched.running:
+                return f"not started: {self.waiting_for}" if self.waiting_for else "not started"
+            return "ok"
 
-        return Probes(worker=self.worker, database=database, token=self.client.token,
-                      scheduler_running=scheduler_running, registry=self.metrics.registry)
+        return Probes(worker=self.worker, database=database, token=self.client.token, scheduler=scheduler,
+                      registry=self.metrics.registry)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -338,46 +383,11 @@ class Daemon:
             self.engine.dispose()
 
 
-def wait_for_database(cfg: Config, stop: threading.Event, *, max_backoff: float = 30.0) -> bool:
-    """Block until the database answers and its schema is current; False if stopped while waiting.
-
-    An unreachable database is waited out with backoff (logged once per try), so an outage at start is not a
-    crash loop; a schema that needs `stsync migrate` is an error at once.
-    """
-    engine = make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
-    backoff = 1.0
-    try:
-        while True:
-            try:
-                check_current(engine, cfg.db_schema)
-                return True
-            except MigrationRequiredError:
-                raise
-            except DatabaseError as exc:
-                log.error("daemon.database_unreachable", error=str(exc), retry_in_s=backoff)
-                if stop.wait(backoff):
-                    return False
-                backoff = min(backoff * 2, max_backoff)
-    finally:
-        engine.dispose()
-
-
 def run_daemon(cfg: Config, *, dry_run: bool = False) -> None:
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
-    sock = bind(cfg.observability.listen) if cfg.observability.listen else None  # before the wait: exit 2 at once
-    try:
-        if not wait_for_database(cfg, stop):
-            log.info("daemon.stopped", reason="signal while waiting for the database")
-            if sock is not None:
-                sock.close()
-            return
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    sock = bind(cfg.observability.listen) if cfg.observability.listen else None  # before anything: exit 2 at once
     daemon = Daemon(cfg, dry_run=dry_run)
     daemon.listening = sock
-    asyncio.run(daemon.run_forever())
+    asyncio.run(daemon.run_forever(wait_for_database=True))
     if daemon.fatal is not None:
         raise daemon.fatal
 

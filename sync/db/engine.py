@@ -3,7 +3,8 @@ bypass and the wake-up channel."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 import sync.migrations
-from sync.errors import DatabaseError, MigrationRequiredError
+from sync.errors import DatabaseAccessError, DatabaseError, MigrationRequiredError
 
 
 def normalize_url(url: str) -> str:
@@ -72,14 +73,57 @@ def connect(engine: Engine) -> Iterator[Connection]:
         with engine.connect() as conn:
             yield conn
     except OperationalError as exc:
-        raise DatabaseError(f"database unreachable at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
+        where = engine.url.render_as_string()
+        if refused(exc):
+            raise DatabaseAccessError(f"the database at {where} refused stsync: {_first_line(exc)}: check the user, "
+                                      "password and database name of database.url (or DATABASE_URL)") from exc
+        raise DatabaseError(f"database unreachable at {where}: {_first_line(exc)}") from exc
     except DBAPIError as exc:  # e.g. a role without the rights this command needs (docs/deploy.md)
         raise DatabaseError(f"database error at {engine.url.render_as_string()}: {_first_line(exc)}") from exc
 
 
+_REFUSALS = ("password authentication failed", "does not exist", "no pg_hba.conf entry",
+             "permission denied for database", "authentication failed for user", "role is not permitted to log in")
+"""What a server says, once it answered, that waiting will not cure (the SQLSTATE of a refused connection does
+not reach psycopg: libpq gives only the server's words). 'the database system is starting up' and 'too many
+clients' are not here: they pass."""
+
+
+def refused(exc: BaseException) -> bool:
+    """True for a connection the server answered and refused for good (a configuration error, not an outage)."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig)
+    return "FATAL" in text and any(words in text for words in _REFUSALS)
+
+
 def _first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
-    return str(orig).strip().splitlines()[0] if str(orig).strip() else exc.__class__.__name__
+    lines = str(orig).strip().splitlines()
+    return " ".join(lines[0].split()) if lines else exc.__class__.__name__
+
+
+def wait_until_answers(engine: Engine, seconds: float, *,
+                       on_wait: Callable[[DatabaseError, float], None] | None = None) -> None:
+    """Connect, trying again for up to ``seconds`` while the database does not answer (a database still starting,
+    as in a compose file's first run); a refusal (DatabaseAccessError) is raised at once, and when the time is up
+    the last reason is raised as one line."""
+    deadline = time.monotonic() + seconds
+    pause = 0.5
+    while True:
+        try:
+            with connect(engine) as conn:
+                ping(conn)
+            return
+        except DatabaseAccessError:
+            raise
+        except DatabaseError as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DatabaseError(f"no answer within {seconds:g} s (--wait): {exc}") from exc
+            if on_wait is not None:
+                on_wait(exc, min(pause, left))
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, 5.0)
 
 
 # ---------------------------------------------------------------------------------------------- migrations

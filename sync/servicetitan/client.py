@@ -14,11 +14,14 @@ import email.utils
 import json
 import math
 import re
+import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -28,6 +31,35 @@ from sync.log import get_logger, register_secret
 from sync.servicetitan.ratelimit import RateLimiter
 
 log = get_logger("stsync.client")
+
+
+def why_no_answer(exc: BaseException, url: str) -> str:
+    """A transport failure in words an operator can act on (DNS, refused, TLS, reset), from the exception's chain
+    (httpx wraps httpcore, which wraps the socket's own error); the class name only when nothing better is known."""
+    parts = urlsplit(url)
+    host = parts.hostname or url
+    where = f"{host}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            if seen.errno == socket.EAI_AGAIN:
+                return f"DNS lookup of {host} failed for now (temporary failure in name resolution)"
+            return f"DNS name not found: {host}"
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"TLS certificate of {host} not trusted ({seen.verify_message or seen.reason})"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS error with {where} ({seen.reason or str(seen).splitlines()[0]})"
+        if isinstance(seen, ConnectionRefusedError):
+            return f"connection refused by {where} (nothing listens there)"
+        if isinstance(seen, ConnectionResetError):
+            return f"connection reset by {where}"
+        if isinstance(seen, OSError) and seen.strerror and seen.errno:
+            return f"{seen.strerror.lower()} ({where})"
+        seen = seen.__cause__ or seen.__context__
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"{where} closed the connection without a whole answer"
+    said = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}" + (f": {said[0][:200]}" if said else "")
 
 TOKEN_REFRESH_MARGIN_S = 60.0
 RATE_HEADROOM = 0.995
@@ -152,7 +184,8 @@ class ServiceTitanClient:
             raise ServiceTitanError(f"token endpoint {self.cfg.token_url} gave no whole answer within "
                                     f"{self.cfg.timeout_seconds:g} s") from None
         except httpx.HTTPError as exc:
-            raise ServiceTitanError(f"token endpoint {self.cfg.token_url} unreachable: {type(exc).__name__}") from None
+            raise ServiceTitanError(f"token endpoint {self.cfg.token_url} unreachable: "
+                                    f"{why_no_answer(exc, self.cfg.token_url)}") from None
         if resp.status_code in (400, 401, 403):
             detail = ""
             with contextlib.suppress(ValueError, AttributeError):
@@ -214,7 +247,8 @@ class ServiceTitanClient:
             except httpx.TimeoutException as exc:
                 return ApiResponse(0, None, _ms(started), error=f"timeout ({type(exc).__name__})")
             except httpx.HTTPError as exc:
-                return ApiResponse(0, None, _ms(started), error=f"connection error ({type(exc).__name__})")
+                return ApiResponse(0, None, _ms(started),
+                                   error=f"connection error: {why_no_answer(exc, self.base + path)}")
             latency = _ms(started)
             if too_large:
                 log.warning("servicetitan.answer_too_large", path=path, status=resp.status_code,

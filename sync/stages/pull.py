@@ -311,18 +311,19 @@ async def _call(what: str, cfg: Config, log: Any, send: Callable[[], Any]) -> Ap
         await asyncio.sleep(delay)
 
 
-def _describe(resp: ApiResponse) -> str:
+def _failed(what: str, resp: ApiResponse) -> str:
+    """One line: the request, and ServiceTitan's status and title, or why no answer came (in words)."""
     if resp.status == 0:
-        return f"no answer ({resp.error or 'connection error'})"
+        return f"{what} got no answer: {resp.error or 'connection error'}"
     title = resp.body.get("title") if isinstance(resp.body, dict) else None
-    return f"{resp.status}" + (f" {str(title).splitlines()[0][:200]}" if title else "")
+    return f"{what} answered {resp.status}" + (f" {str(title).splitlines()[0][:200]}" if title else "")
 
 
 async def _fetch_page(client: ServiceTitanClient, cfg: Config, feed: str, token: str | None, log: Any) -> Page:
     resp = await _call(f"export/{feed}", cfg, log, lambda: client.export(
         feed, token, include_recent_changes=cfg.sync.include_recent_changes))
     if not (200 <= resp.status < 300):
-        raise ServiceTitanError(f"GET /export/{feed} answered {_describe(resp)}", status=resp.status, body=resp.body)
+        raise ServiceTitanError(_failed(f"GET /export/{feed}", resp), status=resp.status, body=resp.body)
     return parse_page(feed, resp.body)
 
 
@@ -350,7 +351,7 @@ async def _fetch_missing_customers(engine: Engine, client: ServiceTitanClient, c
             log.warning("pull.customer_not_found", customer_st_id=st_id)
             return st_id, None
         if not resp.ok:
-            raise ServiceTitanError(f"GET /customers/{st_id} answered {_describe(resp)}", status=resp.status,
+            raise ServiceTitanError(_failed(f"GET /customers/{st_id}", resp), status=resp.status,
                                     body=resp.body)
         log.info("pull.customer_fetched", customer_st_id=st_id)
         return st_id, normalise(record_from_api("customer", resp.body))
@@ -391,7 +392,7 @@ async def _find_ours(engine: Engine, client: ServiceTitanClient, cfg: Config, en
             resp = await _call(f"{collection}?ids", cfg, log, ask)
             found = resp.body.get("data") if resp.ok and isinstance(resp.body, dict) else None
             if not isinstance(found, list):
-                raise ServiceTitanError(f"GET /{collection}?ids=... (our external data) answered {_describe(resp)}",
+                raise ServiceTitanError(_failed(f"GET /{collection}?ids=... (our external data)", resp),
                                         status=resp.status, body=resp.body)
             for rec in found:
                 mid = mirror_id_of(rec, key) if isinstance(rec, dict) else None

@@ -5,9 +5,12 @@ that need exact control of timing or transport exceptions use httpx.MockTranspor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import io
 import logging
+import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
@@ -528,8 +531,10 @@ def test_after_a_429_the_next_request_waits_for_retry_after() -> None:
 @pytest.mark.parametrize(("exc", "prefix"), [
     (httpx.ReadTimeout("read timed out"), "timeout (ReadTimeout)"),
     (httpx.ConnectTimeout("connect timed out"), "timeout (ConnectTimeout)"),
-    (httpx.ConnectError("connection refused"), "connection error (ConnectError)"),
-    (httpx.RemoteProtocolError("server disconnected"), "connection error (RemoteProtocolError)"),
+    (httpx.ConnectError("All connection attempts failed"), "connection error: ConnectError: All connection attempts "
+                                                           "failed"),
+    (httpx.RemoteProtocolError("server disconnected"), "connection error: 127.0.0.1:9 closed the connection without "
+                                                       "a whole answer"),
 ])
 def test_a_timeout_or_connection_error_comes_back_as_status_0(exc: Exception, prefix: str) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
@@ -649,3 +654,56 @@ def test_secrets_never_appear_in_logs(log_stream: io.StringIO, caplog: pytest.Lo
     assert len(issued) == 2 and issued[0] != issued[1]
     for secret in (SECRET, "wrong-secret-9f8e7d", APP_KEY, *issued):
         assert secret not in out
+
+
+@contextlib.contextmanager
+def plain_tcp_server() -> Iterator[int]:
+    """A loopback port that answers anything with plain HTTP, so that a TLS handshake with it fails."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = srv.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        yield int(srv.getsockname()[1])
+    finally:
+        done.set()
+        t.join(2)
+        srv.close()
+
+
+@pytest.mark.parametrize("where", ["refused", "dns", "tls"])
+def test_servicetitan_unreachable_says_why_in_words(where: str) -> None:
+    with plain_tcp_server() as tls_port:
+        base = {"refused": "http://127.0.0.1:1", "dns": "https://no-such-host.invalid",
+                "tls": f"https://127.0.0.1:{tls_port}"}[where]
+        cfg = st_config(api_base_url=base, auth_url=f"{base}/connect/token", timeout_seconds=5)
+
+        async def scenario() -> ApiResponse:
+            async with ServiceTitanClient(cfg, limiter=RateLimiter(1000)) as st:
+                return await st.get("customers", 1)
+
+        resp = run(scenario)
+    assert resp.status == 0 and resp.not_sent
+    expected = {
+        "refused": "token endpoint http://127.0.0.1:1/connect/token unreachable: connection refused by 127.0.0.1:1 "
+                   "(nothing listens there)",
+        # (a machine without a resolver says "DNS lookup of no-such-host.invalid failed for now")
+        "dns": "token endpoint https://no-such-host.invalid/connect/token unreachable: DNS ",
+        "tls": f"token endpoint https://127.0.0.1:{tls_port}/connect/token unreachable: TLS error with "
+               f"127.0.0.1:{tls_port} (WRONG_VERSION_NUMBER)",
+    }[where]
+    assert resp.error == expected if where != "dns" else resp.error.startswith(expected), resp.error
+    assert where != "dns" or "no-such-host.invalid" in resp.error.removeprefix(expected)

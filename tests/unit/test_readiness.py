@@ -20,7 +20,7 @@ def test_readyz_names_the_reason_of_each_failed_check() -> None:
         raise AuthError("ServiceTitan refused the credentials (401 invalid_client): check servicetitan.client_id "
                         "and client_secret")
 
-    app = create_app(Probes(worker="w1", database=database, token=token, scheduler_running=lambda: True,
+    app = create_app(Probes(worker="w1", database=database, token=token, scheduler=lambda: "ok",
                             registry=CollectorRegistry()))
 
     async def ask() -> httpx.Response:
