@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 import click
 
-from sync import __version__
 from sync.config import Config, checked_database_url, is_loopback_host, load_config
 from sync.errors import ConfigError, StsyncError
 from sync.log import configure_logging, mask, register_secret
@@ -56,8 +55,17 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from sync import build
+
+        echo(f"stsync, version {build.describe()}")
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="stsync")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the version and the commit it was built from, and exit.")
 @click.option("--config", "-c", "config_path", envvar="STSYNC_CONFIG", metavar="PATH",
               help="YAML configuration file (or $STSYNC_CONFIG).")
 @click.option("--database-url", envvar="STSYNC_DATABASE_URL", metavar="URL",

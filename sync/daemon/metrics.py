@@ -9,10 +9,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import Engine
 
+from sync import build
 from sync.core.fields import ENTITIES
 from sync.core.retry import Outcome
 from sync.db import changelog, cursors, mirror, outbox, quarantine, tombstones
@@ -23,27 +33,37 @@ from sync.servicetitan.ratelimit import RateLimiter
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("stsync_requests_total", "ServiceTitan requests sent by the dispatcher",
-                                ["entity", "status"], registry=self.registry)
-        self.rate_limited = Counter("stsync_rate_limited_total", "429 answers received", registry=self.registry)
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        PlatformCollector(registry=self.registry)  # python_info
+        GCCollector(registry=self.registry)  # python_gc_*
+        Info("stsync_build", "The stsync release and the commit it was built from",
+             registry=self.registry).info({"version": build.version(), "commit": build.commit()})
+        self.requests = Counter("stsync_requests_total", "ServiceTitan calls that left this process, by operation "
+                                "and HTTP status (code 0: no answer)", ["operation", "code"], registry=self.registry)
+        self.rate_limited = Counter("stsync_rate_limited_total", "429 answers received (every kind of call)",
+                                    registry=self.registry)
         self.retries = Counter("stsync_retries_total", "Transient failures scheduled for another attempt",
                                registry=self.registry)
         self.dead = Counter("stsync_dead_total", "Outbox rows that ended dead in this process (ServiceTitan's "
                             "answers, and bodies rejected before sending)", registry=self.registry)
-        self.latency = Histogram("stsync_request_latency_seconds", "PATCH latency", registry=self.registry,
+        self.latency = Histogram("stsync_request_latency_seconds", "ServiceTitan call latency, by operation",
+                                 ["operation"], registry=self.registry,
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self.pulled = Counter("stsync_pulled_records_total", "Export feed records processed", ["feed"],
                               registry=self.registry)
         self.conflicts = Counter("stsync_conflicts_total", "Field conflicts recorded (pull, check before sending, "
                                  "PATCH answers)", registry=self.registry)
 
-    def record_answer(self, entity: str, resp: ApiResponse, outcome: Outcome) -> None:
-        """One dispatcher answer (sync.stages.dispatch.SendObserver)."""
-        self.requests.labels(entity, str(resp.status)).inc()
-        self.latency.observe(resp.latency_ms / 1000)
-        if outcome is Outcome.RATE_LIMITED:
+    def record_request(self, operation: str, code: int, seconds: float) -> None:
+        """Every ServiceTitan call (sync.servicetitan.client.RequestObserver)."""
+        self.requests.labels(operation, str(code)).inc()
+        self.latency.labels(operation).observe(seconds)
+        if code == 429:
             self.rate_limited.inc()
-        elif outcome is Outcome.RETRY:
+
+    def record_answer(self, entity: str, resp: ApiResponse, outcome: Outcome) -> None:
+        """What the dispatcher made of one answer (sync.stages.dispatch.SendObserver)."""
+        if outcome is Outcome.RETRY:
             self.retries.inc()
         elif outcome is Outcome.DEAD:
             self.dead.inc()

@@ -61,6 +61,7 @@ class Daemon:
         self.log = log.bind(worker=self.worker)
         self.client = ServiceTitanClient(cfg.servicetitan, transport=transport)
         self.metrics = Metrics()
+        self.client.observe = self.metrics.record_request
         self.metrics.attach_database(self.engine)
         self.metrics.watch_limiter(self.client.limiter)
         self.dispatcher = Dispatcher(self.engine, self.client, cfg, self.worker, on_answer=self.metrics.record_answer,

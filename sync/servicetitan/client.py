@@ -62,6 +62,7 @@ def why_no_answer(exc: BaseException, url: str) -> str:
     return f"{type(exc).__name__}" + (f": {said[0][:200]}" if said else "")
 
 TOKEN_REFRESH_MARGIN_S = 60.0
+AUTH_OPERATION = "POST /connect/token"
 RATE_HEADROOM = 0.995
 """The ceiling is 99.5% of requests_per_second; below it the limiter adapts to the 429s it gets (ServiceTitan
 counts arrivals in a sliding one-second window and latency jitter bunches them: bench/, docs/benchmarks.md)."""
@@ -72,10 +73,20 @@ SHARED_PAUSE_MAX_S = 0.25
 """... for the Retry-After but at most this long; the rejected requests themselves wait their full Retry-After,
 and each 429 has lowered the rate a step (bench/: three 1-s stops cost 1% of a 20k drain)."""
 TOKEN_RETRY_S = 5.0
+"""After a failed token fetch, every sender waits this long (the outage is not any one record's fault)."""
 IDS_PER_LIST = 50
 """The most ids one ``GET /customers`` / ``GET /locations`` takes (the spec says so for locations; the same for
 customers, whose page size is 50 by default)."""
-"""After a failed token fetch, every sender waits this long (the outage is not any one record's fault)."""
+_ID_SEGMENT = re.compile(r"/\d+(?=/|$)")
+
+RequestObserver = Callable[[str, int, float], None]
+"""Told of every request that left this process: its operation (``PATCH /customers/{id}``), the HTTP status
+(0: no answer) and the seconds it took (``sync.daemon.metrics.Metrics.record_request``)."""
+
+
+def operation_of(method: str, path: str) -> str:
+    """``PATCH /customers/{id}`` for ``PATCH /customers/123``: one label value per kind of call, never per record."""
+    return f"{method} {_ID_SEGMENT.sub('/{id}', path)}"
 _RETRY_IN_BODY = re.compile(r"try again in (\d+(?:\.\d+)?) second", re.IGNORECASE)
 
 
@@ -147,6 +158,12 @@ class ServiceTitanClient:
         self._token_expires = 0.0
         self._token_lock = asyncio.Lock()
         self.base = f"{cfg.api_root}/crm/v2/tenant/{cfg.tenant_id}"
+        self.observe: RequestObserver | None = None
+        """Set by the daemon: counts every call (token, export, GET, PATCH, POST) by operation and status."""
+
+    def _observed(self, operation: str, status: int, started: float) -> None:
+        if self.observe is not None:
+            self.observe(operation, status, time.perf_counter() - started)
 
     async def __aenter__(self) -> ServiceTitanClient:
         return self
@@ -177,15 +194,19 @@ class ServiceTitanClient:
             "client_id": self.cfg.client_id,
             "client_secret": self.cfg.client_secret.get_secret_value(),
         }
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self.cfg.timeout_seconds):  # the whole answer, as for every API call
                 resp = await self._http.post(self.cfg.token_url, data=form)
         except TimeoutError:
+            self._observed(AUTH_OPERATION, 0, started)
             raise ServiceTitanError(f"token endpoint {self.cfg.token_url} gave no whole answer within "
                                     f"{self.cfg.timeout_seconds:g} s") from None
         except httpx.HTTPError as exc:
+            self._observed(AUTH_OPERATION, 0, started)
             raise ServiceTitanError(f"token endpoint {self.cfg.token_url} unreachable: "
                                     f"{why_no_answer(exc, self.cfg.token_url)}") from None
+        self._observed(AUTH_OPERATION, resp.status_code, started)
         if resp.status_code in (400, 401, 403):
             detail = ""
             with contextlib.suppress(ValueError, AttributeError):
@@ -233,6 +254,7 @@ class ServiceTitanClient:
                 return ApiResponse(0, None, 0.0, error="not sent: the claim is no longer held", not_sent=True,
                                    fenced=True)
             started = time.perf_counter()
+            operation = operation_of(method, path)
             too_large = False
             try:
                 # timeout_seconds bounds the whole answer, not each read (a trickled answer never hangs us)
@@ -242,13 +264,17 @@ class ServiceTitanClient:
                                  "ST-App-Key": self.cfg.app_key.get_secret_value()}) as resp:
                     content, too_large = await _read_bounded(resp, self.cfg.max_answer_bytes)
             except TimeoutError:
+                self._observed(operation, 0, started)
                 return ApiResponse(0, None, _ms(started),
                                    error=f"timeout (no whole answer within {self.cfg.timeout_seconds:g} s)")
             except httpx.TimeoutException as exc:
+                self._observed(operation, 0, started)
                 return ApiResponse(0, None, _ms(started), error=f"timeout ({type(exc).__name__})")
             except httpx.HTTPError as exc:
+                self._observed(operation, 0, started)
                 return ApiResponse(0, None, _ms(started),
                                    error=f"connection error: {why_no_answer(exc, self.base + path)}")
+            self._observed(operation, resp.status_code, started)
             latency = _ms(started)
             if too_large:
                 log.warning("servicetitan.answer_too_large", path=path, status=resp.status_code,

@@ -112,7 +112,11 @@ def test_database_url_override_flag(config_file: Path, fresh_db: str) -> None:
 
 
 def test_version_and_help() -> None:
-    assert stsync("--version").stdout.startswith("stsync, version")
+    from sync import __version__, build
+
+    assert stsync("--version").stdout == f"stsync, version {__version__} (commit {build.commit()})\n"
+    assert build.commit() != "unknown"  # the tests run from the git tree
+    assert stsync("--version", env={"STSYNC_COMMIT": "abc123"}).stdout == f"stsync, version {__version__} (commit abc123)\n"
     helptext = stsync("--help").stdout
     for cmd in ("migrate", "run", "once", "status", "check-config", "sandbox", "outbox", "conflicts"):
         assert cmd in helptext

@@ -114,7 +114,7 @@ def test_metrics_healthz_and_readyz_answer(e2e: Env) -> None:
         assert "stsync_customers_waiting_for_location 0.0" in metrics
         assert "stsync_send_rate_per_second " in metrics and "stsync_send_rate_ceiling_per_second " in metrics
         sql(e2e.engine, "UPDATE customers SET name = 'Metric Co' WHERE st_id = (SELECT max(st_id) FROM customers)")
-        wait_for(lambda: 'stsync_requests_total{entity="customer",status="200"} 1.0' in http_get(base + "/metrics")[1],
+        wait_for(lambda: 'stsync_requests_total{code="200",operation="PATCH /customers/{id}"} 1.0' in http_get(base + "/metrics")[1],
                  30, "the request counter")
     finally:
         assert stop(proc) == 0

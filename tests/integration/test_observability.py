@@ -14,7 +14,7 @@ from sqlalchemy import Engine
 
 from sync.config import Config
 from sync.daemon.service import Daemon
-from sync.sandbox import Sandbox
+from sync.sandbox import Fault, Sandbox
 from tests.conftest import make_config
 from tests.pushkit import link_mirror, sql, transport
 
@@ -74,11 +74,33 @@ def test_a_body_rejected_before_sending_counts_as_dead(engine: Engine, cfg: Conf
     assert seen['stsync_outbox_rows{state="dead"}'] == 1
 
 
-def test_requests_are_counted_by_status(engine: Engine, cfg: Config, sb: Sandbox) -> None:
+def test_every_servicetitan_call_is_counted_by_operation_and_code(engine: Engine, cfg: Config, sb: Sandbox) -> None:
     ids = link_mirror(engine, sb)
     sql(engine, "UPDATE customers SET name = 'Counted' WHERE id = :m", m=ids[min(ids)])
-    seen = scrape(engine, cfg, sb, lambda d: d.detect_job(), lambda d: d.dispatch_job())
-    assert seen['stsync_requests_total{entity="customer",status="200"}'] == 1
+    sb.faults.add(Fault.rate_limited(retry_after=0), endpoint="GET /export/locations", times=1)
+    seen = scrape(engine, cfg, sb, lambda d: d.pull_job(), lambda d: d.detect_job(), lambda d: d.dispatch_job())
+    calls = {k: v for k, v in seen.items() if k.startswith("stsync_requests_total{")}
+    assert calls['stsync_requests_total{code="200",operation="POST /connect/token"}'] == 1
+    assert calls['stsync_requests_total{code="200",operation="GET /export/customers"}'] >= 1
+    assert calls['stsync_requests_total{code="429",operation="GET /export/locations"}'] == 1
+    assert calls['stsync_requests_total{code="200",operation="GET /export/locations"}'] >= 1
+    assert calls['stsync_requests_total{code="200",operation="PATCH /customers/{id}"}'] == 1
+    assert seen["stsync_rate_limited_total"] == 1
+    assert seen['stsync_request_latency_seconds_count{operation="PATCH /customers/{id}"}'] == 1
+    assert sum(calls.values()) == len(sb.requests)  # every request the sandbox saw (the token too)
+
+
+def test_standard_collectors_and_the_build_are_exported(engine: Engine, cfg: Config, sb: Sandbox) -> None:
+    from sync import __version__, build
+
+    seen = scrape(engine, cfg, sb)
+    assert seen["process_resident_memory_bytes"] > 0
+    assert seen["process_cpu_seconds_total"] > 0
+    assert any(k.startswith("python_info{") for k in seen)
+    assert any(k.startswith("python_gc_collections_total{") for k in seen)
+    (info,) = [k for k in seen if k.startswith("stsync_build_info{")]
+    assert f'version="{__version__}"' in info and f'commit="{build.commit()}"' in info
+    assert build.commit() != "unknown"  # the tests run from the git tree
 
 
 def test_an_idle_pull_logs_nothing_at_info(engine: Engine, cfg: Config, sb: Sandbox) -> None:
