@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
+from sync.commands.health import DEFAULT_URL as HEALTH_URL
 from sync.config import Config, checked_database_url, is_loopback_host, load_config
 from sync.errors import ConfigError, StsyncError
 from sync.log import configure_logging, mask, register_secret
@@ -206,6 +207,24 @@ def demo(obj: Ctx, duration: float | None, customers: int, locations: int, demo_
     from sync.demo import run_demo
 
     run_demo(demo_db or obj.database_url, duration=duration, customers=customers, locations=locations)
+
+
+@cli.command()
+@click.option("--url", envvar="STSYNC_HEALTH_URL", metavar="URL", show_default=True,
+              default=HEALTH_URL, help="What to ask (or $STSYNC_HEALTH_URL).")
+@click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.1), metavar="SECONDS")
+@friendly_errors
+def health(url: str, timeout: float) -> None:
+    """Exit 0 if a running daemon answers its /healthz with 200, else 1 (a HEALTHCHECK that needs no curl).
+
+    \b
+    Example:
+      stsync health                                  # the image's observability.listen, 0.0.0.0:9464
+      stsync health --url http://127.0.0.1:9464/readyz
+    """
+    from sync.commands.health import check
+
+    echo(check(url, timeout))
 
 
 def _engine(obj: Ctx) -> Any:
