@@ -93,10 +93,19 @@ def check_config(obj: Ctx) -> None:
 @click.option("--downgrade", is_flag=True, help="Downgrade to --revision instead (e.g. base).")
 @click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0, metavar="SECONDS",
               help="Wait up to SECONDS for the database to answer first (e.g. a compose file's first start).")
+@click.option("--lock-timeout", "lock_timeout_s", type=click.FloatRange(min=0.1), default=10, show_default=True,
+              metavar="SECONDS", help="Give up (changing nothing) when a table stays locked by another session longer.")
 @click.pass_obj
 @friendly_errors
-def migrate(obj: Ctx, revision: str, downgrade: bool, wait_s: float) -> None:
-    """Create or upgrade the mirror schema (alembic upgrade head); a second run is a no-op."""
+def migrate(obj: Ctx, revision: str, downgrade: bool, wait_s: float, lock_timeout_s: float) -> None:
+    """Create or upgrade the mirror schema (alembic upgrade head); a second run is a no-op.
+
+    \b
+    Examples:
+      stsync migrate                       # before starting (or rolling) the daemons of a release
+      stsync migrate --wait 120            # a database that is still starting (compose, a Kubernetes Job)
+      stsync migrate --downgrade --revision 0009
+    """
     from sync.db import engine as db
     from sync.log import get_logger
 
@@ -106,10 +115,11 @@ def migrate(obj: Ctx, revision: str, downgrade: bool, wait_s: float) -> None:
     if wait_s:
         db.wait_until_answers(engine, wait_s, on_wait=lambda exc, pause: log.warning(
             "migrate.waiting_for_database", error=str(exc), retry_in_s=round(pause, 2)))
-    if downgrade:
-        db.downgrade(engine, cfg.db_schema, revision)
-    else:
-        db.upgrade(engine, cfg.db_schema, revision)
+    said = (db.downgrade(engine, cfg.db_schema, revision, lock_timeout_s=lock_timeout_s) if downgrade
+            else db.upgrade(engine, cfg.db_schema, revision, lock_timeout_s=lock_timeout_s))
+    if said is not None:
+        echo(said)
+        return
     with db.connect(engine) as conn:
         current = db.current_revision(conn, cfg.db_schema)
     log.info("migrate.done", revision=current)

@@ -30,6 +30,10 @@ class MigrationRequiredError(DatabaseError):
     """The schema is behind (or ahead of) this version of stsync."""
 
 
+class SchemaNewerError(MigrationRequiredError):
+    """The schema was migrated by a newer release that did not mark itself compatible with this one."""
+
+
 class ServiceTitanError(StsyncError):
     """ServiceTitan answered something we cannot work with."""
 

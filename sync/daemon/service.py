@@ -311,7 +311,9 @@ class Daemon:
         while True:
             self.waiting_for = "waiting for the database"
             try:
-                await asyncio.to_thread(check_current, self.engine, self.cfg.db_schema)
+                newer = await asyncio.to_thread(check_current, self.engine, self.cfg.db_schema)
+                if newer is not None:  # a rolling upgrade: the newer release's migration says we may run
+                    self.log.warning("daemon.schema_newer_compatible", detail=newer)
                 self.waiting_for = None
                 return True
             except (MigrationRequiredError, DatabaseAccessError):
@@ -395,8 +397,10 @@ def run_daemon(cfg: Config, *, dry_run: bool = False) -> None:
 
 def run_once(cfg: Config, *, dry_run: bool = False) -> dict[str, Any]:
     engine = make_engine(cfg.database_url(), cfg.db_schema, pool_size=1)
-    check_current(engine, cfg.db_schema)
+    newer = check_current(engine, cfg.db_schema)
     engine.dispose()
+    if newer is not None:
+        log.warning("daemon.schema_newer_compatible", detail=newer)
 
     async def _main() -> dict[str, Any]:
         d = Daemon(cfg, dry_run=dry_run)

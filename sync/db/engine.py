@@ -3,6 +3,7 @@ bypass and the wake-up channel."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 import sync.migrations
-from sync.errors import DatabaseAccessError, DatabaseError, MigrationRequiredError
+from sync.errors import DatabaseAccessError, DatabaseError, MigrationRequiredError, SchemaNewerError
 
 
 def normalize_url(url: str) -> str:
@@ -137,12 +138,48 @@ def _alembic_config(conn: Connection, schema: str) -> AlembicConfig:
     return cfg
 
 
-def head_revision() -> str:
+def _scripts() -> ScriptDirectory:
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(Path(sync.migrations.__file__).parent))
-    head = ScriptDirectory.from_config(cfg).get_current_head()
+    return ScriptDirectory.from_config(cfg)
+
+
+def head_revision() -> str:
+    head = _scripts().get_current_head()
     assert head is not None
     return head
+
+
+def known_revisions() -> set[str]:
+    """Every revision this release's migrations know (a schema at any other one is newer than this stsync)."""
+    return {script.revision for script in _scripts().walk_revisions()}
+
+
+_COMPATIBLE = re.compile(r"stsync-compatible revision=(\S+) oldest=(\S+)")
+"""How a migration marks itself compatible with older releases, as the comment of the version table:
+``COMMENT ON TABLE <schema>.alembic_version IS 'stsync-compatible revision=0012 oldest=0010'`` (only additive
+changes: new tables, nullable or defaulted columns, nothing an older release reads or writes changes meaning;
+docs/deploy.md, "Rolling upgrades"). The revision is named so that a later migration that does not say so is
+never taken as compatible."""
+
+
+def compatible_from(conn: Connection, schema: str, revision: str) -> str | None:
+    """The oldest release head that may run against the schema at ``revision``, if its migration says so."""
+    said = conn.execute(text("SELECT obj_description(to_regclass(:t), 'pg_class')"),
+                        {"t": f'"{schema}".alembic_version'}).scalar()
+    m = _COMPATIBLE.fullmatch(str(said or "").strip())
+    return m.group(2) if m and m.group(1) == revision else None
+
+
+def _newer_schema(conn: Connection, schema: str, current: str) -> str | None:
+    """None when this release may run against the newer schema at ``current``; else why not, in one line."""
+    head = head_revision()
+    oldest = compatible_from(conn, schema, current)
+    if oldest is not None and oldest in known_revisions():
+        return None
+    return (f'database schema "{schema}" is at revision {current}, newer than this stsync ({head}), and not marked '
+            "compatible with it: run the release that migrated it (in a rolling upgrade this is an old replica: "
+            "replace it)")
 
 
 def current_revision(conn: Connection, schema: str) -> str | None:
@@ -150,26 +187,62 @@ def current_revision(conn: Connection, schema: str) -> str | None:
     return ctx.get_current_revision()
 
 
-def upgrade(engine: Engine, schema: str, revision: str = "head") -> None:
-    """`alembic upgrade` on the schema; idempotent."""
+DEFAULT_LOCK_TIMEOUT_S = 10.0
+
+
+def upgrade(engine: Engine, schema: str, revision: str = "head", *,
+            lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> str | None:
+    """`alembic upgrade` on the schema; idempotent. Returns a line to show when there was nothing to do because the
+    schema is newer than this release and compatible with it (raises SchemaNewerError when it is not)."""
+    return _migrate(engine, schema, lambda cfg: command.upgrade(cfg, revision), lock_timeout_s)
+
+
+def downgrade(engine: Engine, schema: str, revision: str, *,
+              lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S) -> str | None:
+    return _migrate(engine, schema, lambda cfg: command.downgrade(cfg, revision), lock_timeout_s)
+
+
+def _migrate(engine: Engine, schema: str, run: Callable[[AlembicConfig], None], lock_timeout_s: float) -> str | None:
     with connect(engine) as conn, conn.begin():
-        # one migrator at a time when several replicas start together
+        # one migrator at a time when several replicas start together (waits as long as the other one takes)
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"stsync-migrate-{schema}"})
-        command.upgrade(_alembic_config(conn, schema), revision)
+        current = current_revision(conn, schema)
+        if current is not None and current not in known_revisions():
+            why = _newer_schema(conn, schema, current)
+            if why is not None:
+                raise SchemaNewerError(why)
+            return (f'schema "{schema}" is at revision {current}, newer than this stsync ({head_revision()}) '
+                    "and compatible with it: nothing to migrate")
+        # then no statement waits longer than this for a table lock: an application's idle transaction
+        # must not queue every write behind a migration that waits for it
+        conn.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": f"{int(lock_timeout_s * 1000)}ms"})
+        try:
+            run(_alembic_config(conn, schema))
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
+                raise DatabaseError(
+                    f"migration stopped: a table it changes stayed locked by another session for over "
+                    f"{lock_timeout_s:g} s (an idle transaction? see pg_stat_activity); nothing was changed, run "
+                    "`stsync migrate` again when it has ended (or raise --lock-timeout)") from exc
+            raise
+    return None
 
 
-def downgrade(engine: Engine, schema: str, revision: str) -> None:
-    with connect(engine) as conn, conn.begin():
-        command.downgrade(_alembic_config(conn, schema), revision)
-
-
-def check_current(engine: Engine, schema: str) -> None:
-    """Raise MigrationRequiredError unless the schema is at this version's head."""
+def check_current(engine: Engine, schema: str) -> str | None:
+    """Raise MigrationRequiredError unless this release may run against the schema: at its head, or newer and
+    marked compatible (then returns a line to log)."""
     with connect(engine) as conn:
         current = current_revision(conn, schema)
-    head = head_revision()
-    if current != head:
-        state = "not migrated" if current is None else f"at revision {current}"
-        raise MigrationRequiredError(
-            f'database schema "{schema}" is {state}, this stsync needs {head}: run `stsync migrate`'
-        )
+        head = head_revision()
+        if current == head:
+            return None
+        if current is not None and current not in known_revisions():
+            why = _newer_schema(conn, schema, current)
+            if why is not None:
+                raise SchemaNewerError(why)
+            return (f'database schema "{schema}" is at revision {current}, newer than this stsync ({head}), and '
+                    "marked compatible with it")
+    state = "not migrated" if current is None else f"at revision {current}"
+    raise MigrationRequiredError(
+        f'database schema "{schema}" is {state}, this stsync needs {head}: run `stsync migrate`'
+    )
