@@ -73,7 +73,15 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
               help="Override database.url from the config.")
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, database_url: str | None) -> None:
-    """stsync: two-way sync between a PostgreSQL mirror and ServiceTitan CRM (customers, locations)."""
+    """stsync: two-way sync between a PostgreSQL mirror and ServiceTitan CRM (customers, locations).
+
+    \b
+    Examples:
+      stsync demo                                   # try it: the sandbox, a throwaway database, nothing to set up
+      stsync --config stsync.yaml migrate           # once per release
+      stsync --config stsync.yaml run               # the daemon
+      stsync --config stsync.yaml status
+    """
     ctx.obj = Ctx(config_path, database_url)
 
 
@@ -81,7 +89,12 @@ def cli(ctx: click.Context, config_path: str | None, database_url: str | None) -
 @click.pass_obj
 @friendly_errors
 def check_config(obj: Ctx) -> None:
-    """Validate the configuration and print it with secrets hidden."""
+    """Validate the configuration and print it with secrets hidden.
+
+    \b
+    Example:
+      STSYNC_CONFIG=config/example.yaml stsync check-config
+    """
     cfg = obj.config()
     st = cfg.servicetitan
     echo(f"configuration OK: tenant {st.tenant_id} ({st.environment}), API {st.api_root}, "
@@ -131,7 +144,13 @@ def migrate(obj: Ctx, revision: str, downgrade: bool, wait_s: float, lock_timeou
 @click.pass_obj
 @friendly_errors
 def run(obj: Ctx, dry_run: bool) -> None:
-    """Run the daemon: pull, detect, dispatch and housekeeping on their schedules, until SIGTERM/SIGINT."""
+    """Run the daemon: pull, detect, dispatch and housekeeping on their schedules, until SIGTERM/SIGINT.
+
+    \b
+    Examples:
+      stsync --config stsync.yaml run
+      stsync --config stsync.yaml run --dry-run     # log the exact requests it would send; send nothing
+    """
     from sync.daemon.service import run_daemon
 
     run_daemon(obj.config(), dry_run=dry_run)
@@ -142,7 +161,13 @@ def run(obj: Ctx, dry_run: bool) -> None:
 @click.pass_obj
 @friendly_errors
 def once(obj: Ctx, dry_run: bool) -> None:
-    """Run one cycle (pull, detect, dispatch everything due now) and exit."""
+    """Run one cycle (pull, detect, dispatch everything due now) and exit.
+
+    \b
+    Examples:
+      stsync --config stsync.yaml once              # from cron: exit 1 if a step failed, 2 if credentials were refused
+      stsync --config stsync.yaml once --dry-run    # print the requests one cycle would send, as JSON
+    """
     from sync.daemon.service import run_once
 
     summary = run_once(obj.config(), dry_run=dry_run)
@@ -158,7 +183,13 @@ def once(obj: Ctx, dry_run: bool) -> None:
 @click.pass_obj
 @friendly_errors
 def status(obj: Ctx, as_json: bool) -> None:
-    """Outbox counts, oldest pending age, dead rows, last pull, feed cursors."""
+    """Outbox counts, oldest pending age, dead rows, last pull, feed cursors.
+
+    \b
+    Examples:
+      stsync status
+      stsync status --json | jq .outbox
+    """
     from sync.commands import status as st
     from sync.db import engine as db
 
@@ -187,7 +218,12 @@ def status(obj: Ctx, as_json: bool) -> None:
 @friendly_errors
 def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_locations: int,
             rate_limit: float, latency_ms: str, admin_token: str | None) -> None:
-    """Serve the built-in ServiceTitan sandbox (a CRM v2 simulator) on HOST:PORT."""
+    """Serve the built-in ServiceTitan sandbox (a CRM v2 simulator) on HOST:PORT.
+
+    \b
+    Example:
+      stsync sandbox --port 8765                    # then servicetitan.api_base_url: http://127.0.0.1:8765
+    """
     from sync.sandbox import Sandbox
     from sync.sandbox.server import serve
 
@@ -213,7 +249,13 @@ def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_loca
 @click.pass_obj
 @friendly_errors
 def demo(obj: Ctx, duration: float | None, customers: int, locations: int, demo_db: str | None) -> None:
-    """Run the whole daemon against the built-in ServiceTitan sandbox; nothing to configure."""
+    """Run the whole daemon against the built-in ServiceTitan sandbox; nothing to configure.
+
+    \b
+    Examples:
+      stsync demo                                   # Ctrl-C to stop
+      stsync demo --duration 60 --customers 10 --locations 15
+    """
     from sync.demo import run_demo
 
     run_demo(demo_db or obj.database_url, duration=duration, customers=customers, locations=locations)
@@ -258,7 +300,14 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 @cli.group()
 def outbox() -> None:
-    """Inspect and act on outbox rows (safe while the daemon runs)."""
+    """Inspect and act on outbox rows (safe while the daemon runs).
+
+    \b
+    Examples:
+      stsync outbox list --state dead
+      stsync outbox show 42
+      stsync outbox retry --all-dead
+    """
 
 
 @outbox.command("list")
@@ -270,7 +319,13 @@ def outbox() -> None:
 @click.pass_obj
 @friendly_errors
 def outbox_list(obj: Ctx, state: str | None, entity: str | None, limit: int, as_json: bool) -> None:
-    """Newest rows first."""
+    """Outbox rows, newest first, with their field errors.
+
+    \b
+    Examples:
+      stsync outbox list --state dead --entity customer
+      stsync outbox list --json --limit 500
+    """
     from sync.commands import outbox as outbox_admin
 
     with _engine(obj).connect() as conn:
@@ -285,7 +340,12 @@ def outbox_list(obj: Ctx, state: str | None, entity: str | None, limit: int, as_
 @click.pass_obj
 @friendly_errors
 def outbox_show(obj: Ctx, outbox_id: int) -> None:
-    """Payload, diff, and every attempt with its status and error body."""
+    """Payload, diff, and every attempt with its status and error body.
+
+    \b
+    Example:
+      stsync outbox show 42
+    """
     from sync.commands import outbox as outbox_admin
 
     with _engine(obj).connect() as conn:
@@ -298,7 +358,13 @@ def outbox_show(obj: Ctx, outbox_id: int) -> None:
 @click.pass_obj
 @friendly_errors
 def outbox_retry(obj: Ctx, outbox_id: int | None, all_dead: bool) -> None:
-    """Send a dead row again (fresh attempts; the body is recomputed from the mirror)."""
+    """Send a dead row again (fresh attempts; the body is recomputed from the mirror).
+
+    \b
+    Examples:
+      stsync outbox retry 42
+      stsync outbox retry --all-dead                # after fixing what ServiceTitan refused
+    """
     from sync.commands import outbox as outbox_admin
 
     if (outbox_id is None) == (not all_dead):
@@ -313,7 +379,12 @@ def outbox_retry(obj: Ctx, outbox_id: int | None, all_dead: bool) -> None:
 @click.pass_obj
 @friendly_errors
 def outbox_release(obj: Ctx, held: bool) -> None:
-    """Send the rows the mass-delete guard holds."""
+    """Send the rows the mass-delete guard holds.
+
+    \b
+    Example:
+      stsync outbox list --state held && stsync outbox release --held
+    """
     from sync.commands import outbox as outbox_admin
 
     with _engine(obj).begin() as conn:
@@ -327,7 +398,13 @@ def outbox_release(obj: Ctx, held: bool) -> None:
 @click.pass_obj
 @friendly_errors
 def outbox_discard(obj: Ctx, outbox_id: int | None, held: bool) -> None:
-    """Close a pending or dead row without sending it (or, with --held, every held row)."""
+    """Close a pending or dead row without sending it (or, with --held, every held row).
+
+    \b
+    Examples:
+      stsync outbox discard 42
+      stsync outbox discard --held                  # the mass delete was a mistake: the rows come back
+    """
     from sync.commands import outbox as outbox_admin
 
     if (outbox_id is None) == (not held):
@@ -345,7 +422,13 @@ def outbox_discard(obj: Ctx, outbox_id: int | None, held: bool) -> None:
 
 @cli.group()
 def conflicts() -> None:
-    """Fields changed on both sides and how the policy resolved them."""
+    """Fields changed on both sides and how the policy resolved them.
+
+    \b
+    Examples:
+      stsync conflicts list
+      stsync conflicts list --entity location --json
+    """
 
 
 @conflicts.command("list")

@@ -76,6 +76,7 @@ class Daemon:
         """What jobs failed with (logged and survived by `run`; `once` reports it in its exit code)."""
         self.fatal: AuthError | DatabaseAccessError | None = None
         """Credentials refused while running: the daemon stops and ``run_daemon`` raises it (exit 2)."""
+        self._signals = 0
         self.waiting_for: str | None = None
         """Why the jobs have not started yet (/readyz says it)."""
         self.listening: socket.socket | None = None
@@ -287,7 +288,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, self.stopping.set)
+                loop.add_signal_handler(sig, self._signalled, sig)
         # alive from the first second: a liveness probe must not restart a pod that waits for its database
         http = asyncio.create_task(serve(self.probes(), sock, self.stopping)) if sock is not None else None
         try:
@@ -300,6 +301,18 @@ class Daemon:
             if http is not None:
                 await asyncio.wait({http}, timeout=5)
             await self.close()
+
+    def _signalled(self, sig: signal.Signals) -> None:
+        """The first SIGTERM/SIGINT stops gracefully (in-flight requests finish within the grace period); a second
+        one exits at once: what was committed stays committed, an open transaction rolls back, and a claimed row
+        is taken over by another replica when its lease expires (its answer, if any, is then in doubt)."""
+        self._signals += 1
+        if self._signals == 1:
+            self.stopping.set()
+            return
+        self.log.warning("daemon.stopped_at_once", signal=sig.name, running_jobs=len(self._running))
+        sys.stderr.flush()
+        os._exit(128 + sig.value)
 
     async def _wait_for_database(self, max_backoff: float = 30.0) -> bool:
         """Until the database answers and its schema is current; False if stopped while waiting.

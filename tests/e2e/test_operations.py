@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -547,3 +548,26 @@ def test_retry_all_dead_while_detect_queues_a_row_of_the_same_record_supersedes_
     assert outbox_row(e2e, d.alien_oid)["state"] == "superseded"
     assert rows(e2e.engine, "SELECT count(*) FROM outbox WHERE entity = :e AND mirror_id = :m AND state = 'pending'",
                 e=entity, m=mid) == [(1,)]
+
+
+def test_a_second_sigterm_exits_at_once_and_what_was_committed_stays(e2e: Env) -> None:
+    from sync.sandbox import Fault
+
+    e2e.sb.seed(customers=3, locations=0, seed=6)
+    ids = link_mirror(e2e.engine, e2e.sb)
+    e2e.sb.faults.add(Fault.slow(30_000), endpoint="PATCH /customers/{id}", times=None)  # answers that never come
+    proc = e2e.start(e2e.config(grace=60))
+    wait_for(lambda: daemon_started(e2e), 30, "the daemon to start")
+    sql(e2e.engine, "UPDATE customers SET name = 'Stuck Co' WHERE st_id = :s", s=min(ids))
+    wait_for(lambda: rows(e2e.engine, "SELECT 1 FROM outbox WHERE state = 'in_flight'"), 30, "a request in flight")
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert proc.poll() is None  # the first one waits for the request in flight (grace 60 s)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 5
+    log = next(e2e.tmp.glob("daemon-*.log")).read_text()
+    assert "daemon.stopped_at_once" in log and "Traceback" not in log
+    # the committed state is there: the row is in flight under a lease another replica will take over
+    assert rows(e2e.engine, "SELECT state, lease_expires_at IS NOT NULL FROM outbox") == [("in_flight", True)]
