@@ -438,6 +438,13 @@ def conflicts() -> None:
 @click.pass_obj
 @friendly_errors
 def conflicts_list(obj: Ctx, entity: str | None, limit: int, as_json: bool) -> None:
+    """Recorded conflicts, newest first.
+
+    \b
+    Examples:
+      stsync conflicts list
+      stsync conflicts list --entity location --json
+    """
     from sync.commands import outbox as outbox_admin
 
     with _engine(obj).connect() as conn:
@@ -445,6 +452,24 @@ def conflicts_list(obj: Ctx, entity: str | None, limit: int, as_json: bool) -> N
     echo(json.dumps(rows, indent=2) if as_json else _table(
         rows, ["id", "entity", "mirror_id", "st_id", "field", "local_value", "remote_value", "outcome",
                "detected_at"]))
+
+
+@conflicts.command("show")
+@click.argument("conflict_id", type=int)
+@click.pass_obj
+@friendly_errors
+def conflicts_show(obj: Ctx, conflict_id: int) -> None:
+    """One conflict: the last-synced, local and remote values, the policy, what was kept, and the record's other
+    conflicts.
+
+    \b
+    Example:
+      stsync conflicts show 7
+    """
+    from sync.commands import outbox as outbox_admin
+
+    with _engine(obj).connect() as conn:
+        echo(json.dumps(outbox_admin.conflict(conn, conflict_id), indent=2, default=str))
 
 
 def main() -> None:

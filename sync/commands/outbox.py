@@ -158,5 +158,17 @@ def discard_held(conn: Connection) -> int:
     return len(held)
 
 
+def conflict(conn: Connection, conflict_id: int) -> dict[str, Any]:
+    """One conflict in full (the three values and the policy's choice), with the record's other conflicts."""
+    row = conflicts_table.get(conn, conflict_id)
+    if row is None:
+        raise StsyncError(f"no conflict {conflict_id}: see `stsync conflicts list`")
+    out = {k: _iso(v) for k, v in row.items()}
+    out["kept"] = out["local_value"] if row["outcome"] == "local" else out["remote_value"]
+    out["record_conflicts"] = [{k: _iso(v) for k, v in r.items()}
+                               for r in conflicts_table.of_record(conn, row["entity"], row["mirror_id"])]
+    return out
+
+
 def conflicts(conn: Connection, *, limit: int, entity: str | None = None) -> list[dict[str, Any]]:
     return [{k: _iso(v) for k, v in r.items()} for r in conflicts_table.recent(conn, limit=limit, entity=entity)]

@@ -39,6 +39,20 @@ def recent(conn: Connection, *, limit: int, entity: str | None = None) -> list[d
         {"n": limit, "e": entity}).mappings()]
 
 
+def get(conn: Connection, conflict_id: int) -> dict[str, Any] | None:
+    row = conn.execute(text("""SELECT id, entity, mirror_id, st_id, field, base_value, local_value, remote_value,
+                                      policy, outcome, detected_at FROM conflicts WHERE id = :i"""),
+                       {"i": conflict_id}).mappings().first()
+    return dict(row) if row is not None else None
+
+
+def of_record(conn: Connection, entity: str, mirror_id: int) -> list[dict[str, Any]]:
+    """Every conflict recorded for one mirror row, oldest first (conflicts_record_idx)."""
+    return [dict(r) for r in conn.execute(
+        text("""SELECT id, field, outcome, detected_at FROM conflicts WHERE entity = :e AND mirror_id = :m
+                ORDER BY id"""), {"e": entity, "m": mirror_id}).mappings()]
+
+
 def since(conn: Connection, after_id: int) -> list[tuple[Any, ...]]:
     """Conflicts with an id above ``after_id``: ``(id, entity, st_id, field, local, remote, outcome)``."""
     return [tuple(r) for r in conn.execute(

@@ -327,6 +327,15 @@ def test_conflicts_list_shows_a_real_conflict(e2e: Env) -> None:
     assert "Local Name" in line and "Remote Name" in line and " remote " in line
     assert cli_json(e2e, cfg, "conflicts", "list", "--entity", "location") == []
 
+    shown = json.loads(ok(e2e.stsync(cfg, "conflicts", "show", str(c["id"]))).stdout)
+    assert {k: shown[k] for k in ("base_value", "local_value", "remote_value", "policy", "outcome", "kept")} == {
+        "base_value": base, "local_value": "Local Name", "remote_value": "Remote Name", "policy": "remote_wins",
+        "outcome": "remote", "kept": "Remote Name"}
+    assert [r["id"] for r in shown["record_conflicts"]] == [c["id"]]
+    missing = e2e.stsync(cfg, "conflicts", "show", "999999")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "stsync: error: no conflict 999999: see `stsync conflicts list`"
+
 
 # ---------------------------------------------------------------------------------------------- status
 
