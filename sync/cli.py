@@ -454,6 +454,43 @@ def conflicts_list(obj: Ctx, entity: str | None, limit: int, as_json: bool) -> N
                "detected_at"]))
 
 
+@cli.command()
+@click.option("--reason", metavar="TEXT", help="Why (shown by status and in the log).")
+@click.pass_obj
+@friendly_errors
+def pause(obj: Ctx, reason: str | None) -> None:
+    """Stop sending to ServiceTitan (every replica, within a second); local edits are still detected and queued,
+    and the feeds are still pulled. `stsync resume` sends what queued up.
+
+    \b
+    Example:
+      stsync pause --reason "ServiceTitan maintenance window"
+    """
+    from sync.commands import pause as pausing
+
+    with _engine(obj).begin() as conn:
+        p = pausing.pause(conn, reason)
+    echo(f"paused since {p['paused_at'].isoformat()} by {p['paused_by']}: nothing is sent until `stsync resume`")
+
+
+@cli.command()
+@click.pass_obj
+@friendly_errors
+def resume(obj: Ctx) -> None:
+    """Send again after `stsync pause` (the daemons wake at once).
+
+    \b
+    Example:
+      stsync resume
+    """
+    from sync.commands import pause as pausing
+
+    with _engine(obj).begin() as conn:
+        was = pausing.resume(conn)
+    echo("not paused: nothing to resume" if was is None else
+         f"resumed (paused since {was['paused_at'].isoformat()} by {was['paused_by']})")
+
+
 @conflicts.command("show")
 @click.argument("conflict_id", type=int)
 @click.pass_obj

@@ -59,6 +59,7 @@ def reset_tables(engine: Engine) -> None:
     with engine.begin() as conn:
         db.bypass_triggers(conn)
         conn.execute(text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
+        conn.execute(text("UPDATE control SET paused_at = NULL, paused_by = NULL, reason = NULL"))
 
 
 def make_config(database_url: str | None = None, **sections: Any) -> Config:

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from sync.core.fields import ENTITIES
-from sync.db import changelog, conflicts, cursors, mirror, outbox, quarantine, tombstones
+from sync.db import changelog, conflicts, control, cursors, mirror, outbox, quarantine, tombstones
 from sync.db.outbox import STATES as OUTBOX_STATES
 
 
@@ -26,7 +26,10 @@ def collect(conn: Connection) -> dict[str, Any]:
     }
     last_pull = max((c["last_pull_at"] for c in feeds.values() if c["last_pull_at"]), default=None)
     held = quarantine.count(conn)
+    pause = control.paused(conn)
     return {
+        "paused": None if pause is None else {
+            "since": pause["paused_at"].isoformat(), "by": pause["paused_by"], "reason": pause["reason"]},
         "outbox": counts,
         "oldest_pending_seconds": round(oldest, 3) if oldest is not None else None,
         "dead": counts["dead"],
@@ -49,7 +52,11 @@ def collect(conn: Connection) -> dict[str, Any]:
 def render(status: dict[str, Any]) -> str:
     """Plain text for humans."""
     o = status["outbox"]
+    p = status["paused"]
     lines = [
+        *([f"PAUSED:         nothing is sent since {p['since']} (by {p['by']}"
+           + (f": {p['reason']}" if p["reason"] else "") + "); edits are still queued; `stsync resume` sends them"]
+          if p else []),
         "outbox:        " + "  ".join(f"{k}={o[k]}" for k in OUTBOX_STATES),
         f"oldest pending: {status['oldest_pending_seconds']}s" if status["oldest_pending_seconds"] is not None
         else "oldest pending: -",

@@ -15,9 +15,10 @@ log = get_logger("stsync.daemon")
 
 
 class NotifyListener:
-    """LISTENs on the schema's change channel in a thread and calls ``on_notify`` (thread-safe) per wake-up."""
+    """LISTENs on the schema's change channel in a thread and calls ``on_notify`` (thread-safe) per wake-up, with
+    the notification's payload (``""`` for the catch-up after (re)connecting)."""
 
-    def __init__(self, url: str, channel: str, on_notify: Callable[[], None]) -> None:
+    def __init__(self, url: str, channel: str, on_notify: Callable[[str], None]) -> None:
         u = make_url(normalize_url(url)).set(drivername="postgresql")
         self._dsn = u.render_as_string(hide_password=False)
         self._channel = channel
@@ -39,10 +40,10 @@ class NotifyListener:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
                     conn.execute(f'LISTEN "{self._channel}"')
                     backoff = 1.0
-                    self._on_notify()  # catch up on anything committed while we were not listening
+                    self._on_notify("")  # catch up on anything committed while we were not listening
                     while not self._stop.is_set():
-                        for _ in conn.notifies(timeout=0.5):
-                            self._on_notify()
+                        for note in conn.notifies(timeout=0.5):
+                            self._on_notify(note.payload)
                             break
             except psycopg.Error as exc:
                 log.warning("listen.disconnected", error=str(exc).splitlines()[0] if str(exc) else "",

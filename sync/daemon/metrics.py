@@ -25,7 +25,7 @@ from sqlalchemy import Engine
 from sync import build
 from sync.core.fields import ENTITIES
 from sync.core.retry import Outcome
-from sync.db import changelog, cursors, mirror, outbox, quarantine, tombstones
+from sync.db import changelog, control, cursors, mirror, outbox, quarantine, tombstones
 from sync.servicetitan.client import ApiResponse
 from sync.servicetitan.ratelimit import RateLimiter
 
@@ -103,6 +103,7 @@ class _DatabaseCollector:
                                     "New customers that wait for a location before they can be created")
         truncated = GaugeMetricFamily("stsync_truncations_unrestored",
                                       "TRUNCATEs of a mirror table the pull has not restored yet", labels=["entity"])
+        paused = GaugeMetricFamily("stsync_paused", "1 while sending is paused (stsync pause): nothing is sent")
         up = GaugeMetricFamily("stsync_database_up", "1 when the database answered this scrape")
         try:
             with self.engine.connect() as conn:
@@ -117,10 +118,11 @@ class _DatabaseCollector:
                     to_create.add_metric([entity], mirror.count_to_create(conn, entity))
                     truncated.add_metric([entity], cut.get(entity, 0))
                 waiting.add_metric([], mirror.count_by_status(conn, "customer", "waiting_for_location"))
+                paused.add_metric([], 1 if control.paused(conn) is not None else 0)
                 for c in cursors.all_cursors(conn):
                     pull_lag.add_metric([c["feed"]], float(c["pull_age_s"] or 0))
                     cursor_age.add_metric([c["feed"]], float(c["moved_age_s"] or 0))
             up.add_metric([], 1)
         except Exception:
             up.add_metric([], 0)
-        yield from (depth, oldest, push_lag, pull_lag, cursor_age, held, to_create, waiting, truncated, up)
+        yield from (depth, oldest, push_lag, pull_lag, cursor_age, held, to_create, waiting, truncated, paused, up)

@@ -39,6 +39,9 @@ from sync.stages.pull import apply_fetched, pull
 
 log = get_logger("stsync.daemon")
 
+OPERATOR_WAKES_DISPATCH = frozenset({"retry", "release", "resume"})
+"""NOTIFY payloads of the operator's commands that make outbox rows due (``sync/commands``)."""
+
 
 def worker_id() -> str:
     """Identifies this process in leases and attempt history."""
@@ -260,6 +263,15 @@ class Daemon:
     def _wake_from_thread(self, loop: asyncio.AbstractEventLoop, job_id: str) -> None:
         loop.call_soon_threadsafe(self.wake, job_id)
 
+    def _notified(self, loop: asyncio.AbstractEventLoop, payload: str) -> None:
+        """A NOTIFY (from the listener's thread): a local write wakes detect; an operator's command that made
+        rows due (`outbox retry`, `release --held`, `resume`) wakes dispatch too, and `resync` wakes the pull."""
+        self._wake_from_thread(loop, "detect")
+        if payload in OPERATOR_WAKES_DISPATCH:
+            self._wake_from_thread(loop, "dispatch")
+        elif payload == "resync":
+            self._wake_from_thread(loop, "pull")
+
     def wake(self, job_id: str) -> None:
         """Run a job now (coalesced with a run already due); safe from the event loop only."""
         if self.scheduler is None or self.stopping.is_set():
@@ -354,7 +366,7 @@ class Daemon:
                           **({"next_run_time": datetime.now(UTC)} if at_once else {}))
         self.scheduler = sched
         listener = NotifyListener(self.cfg.database_url(), notify_channel(self.cfg.db_schema),
-                                  lambda: self._wake_from_thread(loop, "detect"))
+                                  lambda payload: self._notified(loop, payload))
         if not self.dry_run:
             await self.workers_job_guarded()  # know the replica count before the first request
         sched.start()

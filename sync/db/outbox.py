@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, BIGINT
 from sqlalchemy.exc import IntegrityError
 
 from sync.core.diff import sent_values
+from sync.db import control
 
 STATES = ("pending", "in_flight", "succeeded", "dead", "superseded", "discarded", "held")
 """Every value of ``outbox.state``, in the order status and metrics show them."""
@@ -25,10 +26,11 @@ STATES = ("pending", "in_flight", "succeeded", "dead", "superseded", "discarded"
 _IDS = bindparam("ids", type_=ARRAY(BIGINT))
 _RELEASE_LEASE = "lease_owner = NULL, lease_expires_at = NULL"
 _FOLDED_UNCONFIRMED = "(SELECT o.unconfirmed FROM outbox o WHERE o.id = :id)"
-_CLAIMABLE = """o.state = 'pending'
+_CLAIMABLE = f"""o.state = 'pending' AND NOT {control.PAUSED}
                       AND NOT EXISTS (SELECT 1 FROM outbox f WHERE f.entity = o.entity
                                       AND f.mirror_id = o.mirror_id AND f.state = 'in_flight')"""
-"""SQL over ``outbox o``: a pending row not queued behind a request in flight for its record."""
+"""SQL over ``outbox o``: a pending row not queued behind a request in flight for its record, while sending is
+not paused (`stsync pause`: nothing is claimed, so nothing is sent, by any replica)."""
 
 
 def _as_list(expr: str) -> str:

@@ -580,3 +580,52 @@ def test_a_second_sigterm_exits_at_once_and_what_was_committed_stays(e2e: Env) -
     assert "daemon.stopped_at_once" in log and "Traceback" not in log
     # the committed state is there: the row is in flight under a lease another replica will take over
     assert rows(e2e.engine, "SELECT state, lease_expires_at IS NOT NULL FROM outbox") == [("in_flight", True)]
+
+
+# ---------------------------------------------------------------------------------------------- pause / resume
+
+
+def quiet_config(e2e: Env, extra: str = "") -> Path:
+    """A daemon whose push interval is an hour: whatever it sends at once was woken by a NOTIFY."""
+    path = e2e.config(extra=extra)
+    path.write_text(path.read_text().replace("push_interval_seconds: 1", "push_interval_seconds: 3600"))
+    return path
+
+
+def test_pause_stops_sending_while_edits_queue_and_resume_sends_them_at_once(e2e: Env) -> None:
+    import urllib.request
+
+    from tests.e2ekit import free_port
+
+    e2e.sb.seed(customers=3, locations=0, seed=6)
+    ids = link_mirror(e2e.engine, e2e.sb)
+    st = min(ids)
+    port = free_port()
+    cfg = quiet_config(e2e, extra=f"observability:\n  listen: 127.0.0.1:{port}")
+    proc = e2e.start(cfg)
+    try:
+        wait_for(lambda: daemon_started(e2e), 30, "the daemon to start")
+        said = ok(e2e.stsync(cfg, "pause", "--reason", "maintenance window")).stdout
+        assert said.startswith("paused since ") and "nothing is sent until `stsync resume`" in said
+
+        sql(e2e.engine, "UPDATE customers SET name = 'Paused Co' WHERE st_id = :s", s=st)
+        wait_for(lambda: rows(e2e.engine, "SELECT 1 FROM outbox WHERE state = 'pending'"), 20,
+                 "detect to queue the edit while paused")
+        time.sleep(2.0)
+        assert patches(e2e, f"/customers/{st}") == []
+        status = cli_json(e2e, cfg, "status")
+        assert status["paused"]["reason"] == "maintenance window" and "@" in status["paused"]["by"]
+        assert status["outbox"]["pending"] == 1
+        assert ok(e2e.stsync(cfg, "status")).stdout.startswith("PAUSED:         nothing is sent since ")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            assert "stsync_paused 1.0" in answer.read().decode()
+
+        resumed = time.monotonic()
+        assert ok(e2e.stsync(cfg, "resume")).stdout.startswith("resumed (paused since ")
+        wait_for(lambda: patches(e2e, f"/customers/{st}"), 15, "the queued edit to be sent after resume")
+        assert time.monotonic() - resumed < 15  # woken by the NOTIFY, not by the hour-long interval
+        assert e2e.sb.get_customer(st)["name"] == "Paused Co"
+        assert cli_json(e2e, cfg, "status")["paused"] is None
+        assert ok(e2e.stsync(cfg, "resume")).stdout.strip() == "not paused: nothing to resume"
+    finally:
+        assert stop(proc) == 0
