@@ -205,9 +205,9 @@ def status(obj: Ctx, as_json: bool) -> None:
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8765, show_default=True, type=int)
 @click.option("--tenant-id", default=1, show_default=True, type=int)
-@click.option("--customers", "seed_customers", default=0, show_default=True, type=int,
-              help="Seed this many customers.")
-@click.option("--locations", "seed_locations", default=0, show_default=True, type=int,
+@click.option("--customers", "seed_customers", default=20, show_default=True, type=click.IntRange(min=0),
+              help="Seed this many customers (0: start empty).")
+@click.option("--locations", "seed_locations", default=30, show_default=True, type=click.IntRange(min=0),
               help="Seed this many locations.")
 @click.option("--rate-limit", default=60.0, show_default=True, type=float,
               help="Requests per second per tenant before 429 (0 disables).")
@@ -221,8 +221,9 @@ def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_loca
     """Serve the built-in ServiceTitan sandbox (a CRM v2 simulator) on HOST:PORT.
 
     \b
-    Example:
-      stsync sandbox --port 8765                    # then servicetitan.api_base_url: http://127.0.0.1:8765
+    Examples:
+      stsync sandbox --port 8765                    # 20 customers, 30 locations; api_base_url: http://127.0.0.1:8765
+      stsync sandbox --customers 0 --locations 0    # empty
     """
     from sync.sandbox import Sandbox
     from sync.sandbox.server import serve
@@ -235,8 +236,8 @@ def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_loca
                  latency_ms=(float(lo), float(hi or lo)), admin_token=admin_token or None)
     if seed_customers or seed_locations:
         sb.seed(customers=seed_customers, locations=seed_locations)
-    echo(f"sandbox: tenant {tenant_id} on http://{host}:{port} "
-               f"(client_id={sb.client_id}, app key and secret: see docs/sandbox.md)", err=True)
+    echo(f"sandbox: tenant {tenant_id} on http://{host}:{port} with {seed_customers} customers and "
+         f"{seed_locations} locations (client_id={sb.client_id}, app key and secret: see docs/sandbox.md)", err=True)
     serve(sb, host, port)
 
 
@@ -246,19 +247,21 @@ def sandbox(host: str, port: int, tenant_id: int, seed_customers: int, seed_loca
 @click.option("--locations", default=60, show_default=True, type=int)
 @click.option("--database-url", "demo_db", envvar="DATABASE_URL", metavar="URL",
               help="Server to create the throwaway database on (default: local, else embedded).")
+@click.option("--keep", is_flag=True, help="Leave the database for inspection (on the embedded server: until Ctrl-C).")
 @click.pass_obj
 @friendly_errors
-def demo(obj: Ctx, duration: float | None, customers: int, locations: int, demo_db: str | None) -> None:
+def demo(obj: Ctx, duration: float | None, customers: int, locations: int, demo_db: str | None, keep: bool) -> None:
     """Run the whole daemon against the built-in ServiceTitan sandbox; nothing to configure.
 
     \b
     Examples:
       stsync demo                                   # Ctrl-C to stop
       stsync demo --duration 60 --customers 10 --locations 15
+      stsync demo --duration 30 --keep              # then look at the tables with the psql line it prints
     """
     from sync.demo import run_demo
 
-    run_demo(demo_db or obj.database_url, duration=duration, customers=customers, locations=locations)
+    run_demo(demo_db or obj.database_url, duration=duration, customers=customers, locations=locations, keep=keep)
 
 
 @cli.command()
@@ -489,6 +492,38 @@ def resume(obj: Ctx) -> None:
         was = pausing.resume(conn)
     echo("not paused: nothing to resume" if was is None else
          f"resumed (paused since {was['paused_at'].isoformat()} by {was['paused_by']})")
+
+
+@cli.command()
+@click.argument("entity", required=False, type=click.Choice(["customer", "location"]))
+@click.argument("st_ids", nargs=-1, type=int, metavar="[ID]...")
+@click.option("--all", "everything", is_flag=True, help="Every feed again from the beginning at the next pull.")
+@click.pass_obj
+@friendly_errors
+def resync(obj: Ctx, entity: str | None, st_ids: tuple[int, ...], everything: bool) -> None:
+    """Pull records again into the merge (safe while the daemon runs): unchanged ones change nothing, remote
+    changes are taken as a pull takes them, unsent local edits stay.
+
+    \b
+    Examples:
+      stsync resync customer 1234567 7654321      # ServiceTitan ids, fetched now
+      stsync resync --all                         # the feeds from the start, at the next pull (woken at once)
+    """
+    from sync.daemon import resync as resyncing
+
+    resyncing.check_ids(entity, st_ids, everything)
+    cfg = obj.config()
+    if everything:
+        feeds = resyncing.resync_all(cfg)
+        echo(f"feeds {', '.join(feeds)} start again from the beginning at the next pull "
+             "(a running daemon pulls now)")
+        return
+    out = resyncing.resync_records(cfg, "customer" if entity == "customer" else "location", st_ids)
+    missing = out["not_found"]
+    echo(f"{entity}s: {out['records']} fetched, {out['applied']} changed the mirror, {out['conflicts']} conflicts"
+         + (f"; not found in ServiceTitan: {', '.join(map(str, missing))}" if missing else ""))
+    if missing:
+        sys.exit(1)
 
 
 @conflicts.command("show")

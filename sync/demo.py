@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 import uuid
 from typing import Any
@@ -55,6 +57,8 @@ class DemoDaemon(Daemon):
     def __init__(self, cfg: Config, engine: Engine, say: Printer) -> None:
         super().__init__(cfg, engine=engine)
         self.say = say
+        self.pulled = 0
+        """Feed records merged into the mirror (loaded or changed) while the demo ran."""
 
     async def pull_job(self) -> dict[str, Any]:
         result = await super().pull_job()
@@ -62,6 +66,7 @@ class DemoDaemon(Daemon):
             if not isinstance(r, dict):
                 continue
             applied = r.get("applied", 0)
+            self.pulled += int(r.get("inserted", 0)) + int(applied)
             if r.get("inserted"):
                 self.say("pull", f"{feed}: {r['inserted']} records loaded into the mirror", "cyan")
             elif applied or r.get("conflicts"):
@@ -77,6 +82,10 @@ class Scenario:
         self.engine, self.sb, self.say = engine, sb, say
         self.i = 0
         self.created: list[int] = []
+        self.noop: tuple[int, int, int] | None = None
+        """The no-op save to report on: (mirror id, st_id, requests seen by the sandbox when it was made)."""
+        self.held_back: list[tuple[int, int, int]] = []
+        """The 503-twice edits to report on: (mirror id, st_id, step made)."""
 
     def _sql(self, statement: str, **params: Any) -> None:
         with self.engine.begin() as conn:
@@ -93,6 +102,7 @@ class Scenario:
         n, self.i = self.i, self.i + 1
         if self._pick("locations", 0) is None:
             return  # initial load not finished yet
+        self.follow_up(n)
         kind = (0, 6, 1, 7, 2, 3, 4, 8, 5)[n % 9]
         if kind == 6:
             self.create(n)
@@ -124,6 +134,7 @@ class Scenario:
             self.say("local", f"UPDATE customers SET name = 'Local Name {n}' WHERE id = {mid}  "
                               "(ServiceTitan will answer 503 twice)", "yellow")
             self._sql("UPDATE customers SET name = :n WHERE id = :m", n=f"Local Name {n}", m=mid)
+            self.held_back.append((mid, st_id, n))
             self.say("remote", f"edit in ServiceTitan: customer {st_id} name -> 'Remote Name {n}' (same field)",
                      "magenta")
             self.sb.edit_customer(st_id, name=f"Remote Name {n}")
@@ -135,11 +146,42 @@ class Scenario:
             self.say("local", f"UPDATE customers SET name = name WHERE id = {mid}  (a save that changes nothing)",
                      "yellow")
             self._sql("UPDATE customers SET name = name WHERE id = :m", m=mid)
+            self.noop = (mid, st_id, len(self.sb.requests))
         else:
             self.say("local", f"UPDATE customers SET type = 'Alien' WHERE id = {mid}  (ServiceTitan would reject it)",
                      "yellow")
             self._sql("UPDATE customers SET type = 'Alien' WHERE id = :m", m=mid)
 
+
+    def follow_up(self, n: int) -> None:
+        """What became of earlier steps: the no-op save (nothing sent) and the edits answered 503 twice."""
+        if self.noop is not None:
+            mid, st_id, seen = self.noop
+            self.noop = None
+            sent = [r for r in list(self.sb.requests)[seen:] if r.method == "PATCH"
+                    and r.path.endswith(f"/customers/{st_id}")]
+            if not sent:
+                self.say("push", f"nothing sent for customers row {mid}: the save changed no value (no diff, no "
+                                 "request)", "green")
+        for item in list(self.held_back):
+            mid, st_id, made = item
+            if n - made < 2:
+                continue
+            self.held_back.remove(item)
+            with self.engine.connect() as conn:
+                row = conn.execute(text("SELECT state, attempts FROM outbox WHERE entity = 'customer' AND "
+                                        "mirror_id = :m ORDER BY id DESC LIMIT 1"), {"m": mid}).first()
+                name = conn.execute(text("SELECT name FROM customers WHERE id = :m"), {"m": mid}).scalar()
+            remote = self.sb.get_customer(st_id)["name"]
+            answers = [str(r.status) for r in self.sb.requests if r.method == "PATCH"
+                       and r.path.endswith(f"/customers/{st_id}")]
+            answered = f"ServiceTitan answered {', '.join(answers)}" if answers else \
+                "nothing sent (the check before sending found the remote edit first)"
+            what = f"outbox row {row[0]} after {row[1]} attempt(s)" if row else "no outbox row"
+            self.say("outcome", f"customers row {mid} (the both-sides edit): {answered}; {what}; mirror name {name!r} "
+                                f"= ServiceTitan's {remote!r}" if name == remote else
+                     f"customers row {mid} (the both-sides edit): {answered}; {what}; mirror name {name!r}, "
+                     f"ServiceTitan's {remote!r} (not converged yet)", "green" if name == remote else "red")
 
     def create(self, n: int) -> None:
         name = f"New Customer {n}"
@@ -233,8 +275,36 @@ def demo_config(database_url: str, api_url: str) -> Config:
     }, "<demo>", env={})
 
 
+def summary(engine: Engine, sb: Sandbox, pulled: int, url: str, *, kept: bool = False) -> list[str]:
+    """The one screen the demo ends with: what was pushed, pulled, in conflict or dead, and the SQL to look."""
+    from sync.commands.status import collect
+
+    with engine.connect() as conn:
+        s = collect(conn)
+    sent = [r for r in sb.requests if r.method in ("PATCH", "POST") and "/connect/" not in r.path]
+    applied = [r for r in sent if 200 <= r.status < 300]
+    refused = len(sent) - len(applied)
+    by = {m: sum(1 for r in applied if r.method == m) for m in ("PATCH", "POST")}
+    o = s["outbox"]
+    psql = f"psql '{url.replace('postgresql+psycopg://', 'postgresql://')}'"
+    return [
+        "== summary " + "=" * 60,
+        f"pushed:     {len(applied)} requests applied by ServiceTitan (PATCH {by['PATCH']}, POST {by['POST']}), "
+        f"{refused} answered with an error and retried or dead",
+        f"pulled:     {pulled} feed records merged into the mirror",
+        f"conflicts:  {s['conflicts']:<4} SELECT entity, st_id, field, local_value, remote_value, outcome "
+        "FROM stsync.conflicts;",
+        f"dead rows:  {s['dead']:<4} SELECT id, entity, st_id, last_error->>'message' FROM stsync.outbox "
+        "WHERE state = 'dead';",
+        f"outbox:     {'  '.join(f'{k}={o[k]}' for k in o)}   SELECT state, count(*) FROM stsync.outbox GROUP BY 1;",
+        "mirror:     SELECT id, st_id, name, sync_status, sync_error FROM stsync.customers ORDER BY id;",
+        f"            (`stsync demo --keep` leaves the database for these: {psql})" if not kept else
+        f"            ({psql})",
+    ]
+
+
 def run_demo(database_url: str | None, *, duration: float | None, customers: int, locations: int,
-             step_seconds: float = 2.0, say: Printer | None = None) -> None:
+             step_seconds: float = 2.0, say: Printer | None = None, keep: bool = False) -> None:
     printer = say or Printer()
     configure_logging("ERROR", "console")
     with embedded.find_server(database_url) as server:
@@ -244,20 +314,44 @@ def run_demo(database_url: str | None, *, duration: float | None, customers: int
         sb = Sandbox(tenant_id=1, rate_limit_per_second=60.0, latency_ms=(20, 80))
         sb.seed(customers=customers, locations=locations, seed=42)
         engine = db.make_engine(url, "stsync")
+        kept = False
         try:
             db.upgrade(engine, "stsync")
             with SandboxServer(sb) as srv:
                 printer("demo", f"ServiceTitan sandbox at {srv.url} (tenant 1, {customers} customers, "
                                 f"{locations} locations); press Ctrl-C to stop")
-                asyncio.run(_main(demo_config(url, srv.url), engine, sb, printer, duration, step_seconds))
+                pulled = asyncio.run(_main(demo_config(url, srv.url), engine, sb, printer, duration, step_seconds))
+            for line in summary(engine, sb, pulled, url, kept=keep):
+                click.echo(line, file=printer.stream)
+            kept = keep and _keep(server, url, name, printer)
         finally:
             engine.dispose()
-            embedded.drop_database(server.url, name)
-            printer("demo", f"stopped; dropped database {name}")
+            if not kept:
+                embedded.drop_database(server.url, name)
+                printer("demo", f"stopped; dropped database {name}")
+
+
+def _keep(server: embedded.Server, url: str, name: str, printer: Printer) -> bool:
+    """--keep: a real server keeps the database (True); the embedded one lives until Ctrl-C or SIGTERM, and is
+    removed with the server (False: drop it as usual)."""
+    psql = f"psql '{url.replace('postgresql+psycopg://', 'postgresql://')}'"
+    if not server.why.startswith("embedded"):
+        printer("demo", f"kept database {name}: {psql}   (drop it with: DROP DATABASE \"{name}\")")
+        return True
+    printer("demo", f"kept database {name} on the embedded server: {psql}   (Ctrl-C stops the server and removes "
+                    "it)")
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return False
 
 
 async def _main(cfg: Config, engine: Engine, sb: Sandbox, say: Printer, duration: float | None,
-                step_seconds: float) -> None:
+                step_seconds: float) -> int:
     daemon = DemoDaemon(cfg, engine, say)
     stop = daemon.stopping
     scenario = Scenario(engine, sb, say)
@@ -282,3 +376,4 @@ async def _main(cfg: Config, engine: Engine, sb: Sandbox, say: Printer, duration
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+    return daemon.pulled

@@ -45,6 +45,6 @@ class ServiceTitanError(StsyncError):
 
 class AuthError(ServiceTitanError):
     """Credentials were refused: by ServiceTitan's token endpoint, or a 401 that a fresh token does not cure
-    (wrong app key or tenant). A configuration error: exit 2, nothing retried (DESIGN.md, failure classes)."""
+    (wrong app key or tenant). A configuration error: exit 2, nothing retried (docs/contract.md, failure classes)."""
 
     exit_code = 2

@@ -1,5 +1,5 @@
 """Create bodies: a mirror row inserted without ``st_id`` -> ``CreateCustomerRequest`` (with its new locations as
-``locations[]``) or ``CreateLocationRequest``. Pure (issue 17; DESIGN.md, "Creating records").
+``locations[]``) or ``CreateLocationRequest``. Pure (issue 17; docs/contract.md, "Creating records").
 
 Every value comes from the mirror row, never invented, in the same API form as a PATCH carries it
 (``sync.core.request.request_body``): the address whole, lists whole, a null ``unit`` as "". Only the fields the

@@ -114,7 +114,7 @@ def dead_answer(entity: Entity, status: int, attempt: int, error_body: Any, erro
 
 
 def not_a_record(entity: Entity, st_id: int, body: Any) -> str | None:
-    """Why a 2xx answer to a PATCH of record ``st_id`` is not that record (DESIGN.md failure classes: such an
+    """Why a 2xx answer to a PATCH of record ``st_id`` is not that record (docs/contract.md failure classes: such an
     answer is a failed attempt, never applied), or None when it is."""
     if not isinstance(body, dict):
         return f"not a {entity} record: a JSON {type(body).__name__}"
@@ -128,7 +128,7 @@ def not_a_record(entity: Entity, st_id: int, body: Any) -> str | None:
 
 def read_only_edits(entity: Entity, record: Mapping[str, Any], shadow: Mapping[str, Any]) -> list[str]:
     """Read-only columns (``balance``, ``modified_on``...) whose mirror value differs from the last-synced one: a
-    local edit that is never sent (DESIGN.md: flagged, counted, and put back by the next pull)."""
+    local edit that is never sent (docs/contract.md: flagged, counted, and put back by the next pull)."""
     out = []
     for f in FIELDS[entity]:
         if f.writable:

@@ -1,6 +1,6 @@
 """Request building: a local diff -> the minimal ``UpdateCustomerRequest`` / ``UpdateLocationRequest``. Pure.
 
-Rules (DESIGN.md, "Request rules"): only changed fields; the address whole when any part changed; customFields
+Rules (docs/contract.md, "Request rules"): only changed fields; the address whole when any part changed; customFields
 and tagTypeIds as full lists; ``externalData`` in Merge mode with our guid, the mirror id under
 ``mirror_id_key``, changed keys, and removed keys as ``value: null``; the location's customer as ServiceTitan's
 ``customerId``; read-only fields never. Every body is validated against ServiceTitan's OpenAPI file; a body

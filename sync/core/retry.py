@@ -1,4 +1,4 @@
-"""Failure classes (DESIGN.md) and backoff. Pure."""
+"""Failure classes (docs/contract.md) and backoff. Pure."""
 
 from __future__ import annotations
 

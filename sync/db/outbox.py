@@ -1,6 +1,6 @@
 """The ``outbox`` table: one row per request to send, its lease, its retries and its outcome.
 
-Every statement that reads or writes ``outbox`` lives here. States (DESIGN.md, "Outbox states"): ``pending`` ->
+Every statement that reads or writes ``outbox`` lives here. States (docs/contract.md, "Outbox states"): ``pending`` ->
 ``in_flight`` (leased by one worker) -> ``succeeded`` / ``dead`` / ``superseded``; an operator may close a
 pending or dead row as ``discarded``. At most one ``pending`` and one
 ``in_flight`` row per record (unique indexes). ``unconfirmed`` holds, as a JSON array, the bodies of attempts whose

@@ -57,7 +57,9 @@ def test_migrate_then_status(config_file: Path, fresh_db: str) -> None:
     env = {"DB_URL": fresh_db}
     first = stsync("--config", str(config_file), "migrate", env=env)
     assert first.returncode == 0, first.stderr
-    assert 'schema "stsync" at revision 0010' in first.stdout
+    from sync.db.engine import head_revision
+
+    assert first.stdout == f'schema "stsync" at revision {head_revision()}\n'
     second = stsync("--config", str(config_file), "migrate", env=env)
     assert second.returncode == 0, second.stderr
     assert second.stdout == first.stdout
@@ -157,3 +159,64 @@ def test_every_command_shows_an_example_in_its_help() -> None:
     assert ["outbox", "retry"] in commands and ["health"] in commands
     missing = [" ".join(c) for c in commands if "Example" not in stsync(*c, "--help").stdout]
     assert missing == [], f"--help without an example: {missing}"
+
+
+def test_the_sandbox_command_serves_seeded_records_by_default() -> None:
+    import time
+
+    import httpx
+
+    from tests.e2ekit import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "sync", "sandbox", "--port", str(port)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/_sandbox/health", timeout=2).raise_for_status()
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, "the sandbox did not start"
+                time.sleep(0.2)
+        token = httpx.post(base + "/connect/token", data={"grant_type": "client_credentials",
+                                                          "client_id": "sandbox-client",
+                                                          "client_secret": "sandbox-secret"}).json()["access_token"]
+        headers = {"Authorization": f"Bearer {token}", "ST-App-Key": "sandbox-app-key"}
+        for collection, count in (("customers", 20), ("locations", 30)):
+            page = httpx.get(f"{base}/crm/v2/tenant/1/{collection}", params={"pageSize": 1, "includeTotal": "true"},
+                             headers=headers).json()
+            assert page["totalCount"] == count, (collection, page)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert "with 20 customers and 30 locations" in err
+
+
+@pytest.mark.slow
+def test_the_demo_tells_what_happened_and_keep_leaves_its_database(pg_server: embedded.Server) -> None:
+    import psycopg
+
+    if pg_server.why.startswith("embedded"):
+        pytest.skip("--keep on the embedded server waits for Ctrl-C")
+    r = stsync("demo", "--duration", "40", "--customers", "8", "--locations", "10", "--keep",
+               env={"DATABASE_URL": pg_server.url})
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "nothing sent for customers row" in out  # the no-op save
+    assert "[outcome]  customers row" in out  # what became of the both-sides edit
+    summary = out[out.index("== summary"):].splitlines()
+    assert [line.split(":")[0] for line in summary[1:7]] == ["pushed", "pulled", "conflicts", "dead rows", "outbox",
+                                                            "mirror"]
+    (kept,) = [line for line in out.splitlines() if "[demo]     kept database" in line]
+    name = kept.split("kept database ")[1].split(":")[0]
+    assert "dropped database" not in out
+    kept_url = make_url(pg_server.url).set(drivername="postgresql", database=name)
+    try:
+        with psycopg.connect(kept_url.render_as_string(hide_password=False)) as conn:
+            pushed = conn.execute("SELECT count(*) FROM stsync.outbox WHERE state = 'succeeded'").fetchone()
+        assert pushed is not None and pushed[0] >= 1
+    finally:
+        embedded.drop_database(pg_server.url, name)

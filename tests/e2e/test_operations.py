@@ -629,3 +629,33 @@ def test_pause_stops_sending_while_edits_queue_and_resume_sends_them_at_once(e2e
         assert ok(e2e.stsync(cfg, "resume")).stdout.strip() == "not paused: nothing to resume"
     finally:
         assert stop(proc) == 0
+
+
+# ---------------------------------------------------------------------------------------------- resync
+
+
+def test_resync_merges_records_by_id_safely_and_all_restarts_the_feeds(e2e: Env) -> None:
+    e2e.sb.seed(customers=3, locations=0, seed=6)
+    ids = link_mirror(e2e.engine, e2e.sb)
+    a, b = sorted(ids)[:2]
+    cfg = e2e.config()
+    e2e.sb.edit_customer(a, name="Remote Side")  # not pulled yet
+    sql(e2e.engine, "UPDATE customers SET name = 'Local Side' WHERE st_id = :s", s=b)  # not sent yet
+    r = e2e.stsync(cfg, "resync", "customer", str(a), str(b), "999999")
+    assert r.returncode == 1, r.stderr  # one id is unknown to ServiceTitan: said, and the exit code says so
+    assert r.stdout.strip() == "customers: 2 fetched, 1 changed the mirror, 0 conflicts; not found in ServiceTitan: 999999"
+    assert mirror(e2e, ids[a])["name"] == "Remote Side"
+    assert mirror(e2e, ids[b])["name"] == "Local Side"  # the unsent local edit stays, and is still to send
+    assert rows(e2e.engine, "SELECT mirror_id FROM change_log") == [(ids[b],)]
+    assert patches(e2e, "") == []
+
+    ok(e2e.stsync(cfg, "once"))  # the first pull drains the feeds
+    assert rows(e2e.engine, "SELECT bool_and(initial_load_done) FROM feed_cursors") == [(True,)]
+    said = ok(e2e.stsync(cfg, "resync", "--all")).stdout
+    assert said.startswith("feeds customers, locations start again from the beginning at the next pull")
+    assert rows(e2e.engine, "SELECT feed, continue_from, initial_load_done FROM feed_cursors ORDER BY feed") == [
+        ("customers", None, False), ("locations", None, False)]
+
+    bad = e2e.stsync(cfg, "resync")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().startswith("stsync: error: say what to resync: ")
