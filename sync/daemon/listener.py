@@ -42,9 +42,11 @@ class NotifyListener:
                     backoff = 1.0
                     self._on_notify("")  # catch up on anything committed while we were not listening
                     while not self._stop.is_set():
+                        # every notification, not only the first: one transaction may send several (an
+                        # operator's `outbox retry` NOTIFYs `retry` after its mirror update's `customers`), and
+                        # one left in a closed generator is lost (the daemon wakes coalesce them anyway)
                         for note in conn.notifies(timeout=0.5):
                             self._on_notify(note.payload)
-                            break
             except psycopg.Error as exc:
                 log.warning("listen.disconnected", error=str(exc).splitlines()[0] if str(exc) else "",
                             retry_in_s=backoff)

@@ -659,3 +659,24 @@ def test_resync_merges_records_by_id_safely_and_all_restarts_the_feeds(e2e: Env)
     bad = e2e.stsync(cfg, "resync")
     assert bad.returncode == 1
     assert bad.stderr.strip().startswith("stsync: error: say what to resync: ")
+
+
+def test_outbox_retry_wakes_a_running_daemon_to_send_at_once(e2e: Env) -> None:
+    e2e.sb.seed(customers=2, locations=0, seed=6)
+    ids = link_mirror(e2e.engine, e2e.sb)
+    st = min(ids)
+    cfg = quiet_config(e2e)  # an hour between dispatch runs: only a wake-up sends at once
+    proc = e2e.start(cfg)
+    try:
+        wait_for(lambda: daemon_started(e2e), 30, "the daemon to start")
+        sql(e2e.engine, "UPDATE customers SET name = '' WHERE st_id = :s", s=st)  # ServiceTitan answers 400
+        wait_for(lambda: rows(e2e.engine, "SELECT id FROM outbox WHERE state = 'dead'"), 30, "the refused row")
+        ((dead,),) = rows(e2e.engine, "SELECT id FROM outbox WHERE state = 'dead'")
+        sent_before = len(patches(e2e, f"/customers/{st}"))
+        assert sent_before == 1
+        retried = time.monotonic()
+        ok(e2e.stsync(cfg, "outbox", "retry", str(dead)))  # NOTIFYs `customers` (the mirror's status), then `retry`
+        wait_for(lambda: len(patches(e2e, f"/customers/{st}")) == 2, 15, "the retried row to be sent")
+        assert time.monotonic() - retried < 15
+    finally:
+        assert stop(proc) == 0
