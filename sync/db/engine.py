@@ -171,6 +171,17 @@ def compatible_from(conn: Connection, schema: str, revision: str) -> str | None:
     return m.group(2) if m and m.group(1) == revision else None
 
 
+def _ahead(conn: Connection, schema: str, current: str | None) -> bool:
+    """True when the schema is at a revision newer than this release and marked compatible with it; raises
+    SchemaNewerError when it is newer and not marked; False when this release knows the revision (or none)."""
+    if current is None or current in known_revisions():
+        return False
+    why = _newer_schema(conn, schema, current)
+    if why is not None:
+        raise SchemaNewerError(why)
+    return True
+
+
 def _newer_schema(conn: Connection, schema: str, current: str) -> str | None:
     """None when this release may run against the newer schema at ``current``; else why not, in one line."""
     head = head_revision()
@@ -207,10 +218,7 @@ def _migrate(engine: Engine, schema: str, run: Callable[[AlembicConfig], None], 
         # one migrator at a time when several replicas start together (waits as long as the other one takes)
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": f"stsync-migrate-{schema}"})
         current = current_revision(conn, schema)
-        if current is not None and current not in known_revisions():
-            why = _newer_schema(conn, schema, current)
-            if why is not None:
-                raise SchemaNewerError(why)
+        if _ahead(conn, schema, current):
             return (f'schema "{schema}" is at revision {current}, newer than this stsync ({head_revision()}) '
                     "and compatible with it: nothing to migrate")
         # then no statement waits longer than this for a table lock: an application's idle transaction
@@ -236,10 +244,7 @@ def check_current(engine: Engine, schema: str) -> str | None:
         head = head_revision()
         if current == head:
             return None
-        if current is not None and current not in known_revisions():
-            why = _newer_schema(conn, schema, current)
-            if why is not None:
-                raise SchemaNewerError(why)
+        if _ahead(conn, schema, current):
             return (f'database schema "{schema}" is at revision {current}, newer than this stsync ({head}), and '
                     "marked compatible with it")
     state = "not migrated" if current is None else f"at revision {current}"
