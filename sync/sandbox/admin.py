@@ -1,4 +1,5 @@
-"""The ``/_sandbox/...`` admin endpoints (listed in ``app.py``'s docstring): seeding, remote edits, the request
+"""The ``/_sandbox/...`` admin endpoints (listed in ``app.py``'s docstring): seeding, remote edits (of records and
+of their contacts), the request
 log and counters, the fault plan, settings and token expiry. Not rate limited, never counted or logged; no auth
 unless the sandbox has an ``admin_token``, which every call must then carry in ``X-Sandbox-Admin-Token``.
 """
@@ -14,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route as StarletteRoute
 
-from sync.sandbox.errors import ApiError, problem
+from sync.sandbox.errors import ApiError, ContactNotFound, problem
 from sync.sandbox.faults import Fault
 from sync.sandbox.model import COLLECTIONS, Entity
 from sync.sandbox.responses import Endpoint, error_response, json_response
@@ -51,7 +52,11 @@ def admin_routes(sandbox: Sandbox) -> list[StarletteRoute]:
 
     async def seed(request: Request) -> Response:
         body = await read_json(request)
-        sandbox.seed(int(body.get("customers", 0)), int(body.get("locations", 0)), int(body.get("seed", 0)))
+        contacts = body.get("contacts", True)
+        if not isinstance(contacts, bool):
+            raise ValueError("contacts must be true or false")
+        sandbox.seed(int(body.get("customers", 0)), int(body.get("locations", 0)), int(body.get("seed", 0)),
+                     contacts=contacts)
         return json_response({"customers": sandbox.count("customer"), "locations": sandbox.count("location")})
 
     def creator(entity: Entity) -> Endpoint:
@@ -82,6 +87,38 @@ def admin_routes(sandbox: Sandbox) -> list[StarletteRoute]:
             return json_response(editor(rid, **body))
 
         return guarded(record)
+
+    def remote_contacts(entity: Entity) -> Endpoint:
+        async def contacts(request: Request) -> Response:
+            rid: int = request.path_params["id"]
+            if request.method == "GET":
+                inactive = request.query_params.get("includeInactive", "").lower() == "true"
+                return json_response({"contacts": sandbox.contacts(entity, rid, include_inactive=inactive,
+                                                                   full=True)})
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ValueError("expected a JSON object")
+            contact_type, value = body.pop("type", None), body.pop("value", None)
+            if not isinstance(contact_type, str) or not isinstance(value, str):
+                raise ValueError("type and value (strings) are required")
+            return json_response(sandbox.add_contact(entity, rid, contact_type, value, **body), 201)
+
+        return guarded(contacts)
+
+    def remote_contact(entity: Entity) -> Endpoint:
+        async def contact(request: Request) -> Response:
+            rid: int = request.path_params["id"]
+            contact_id: int = request.path_params["contactId"]
+            if contact_id not in {c["id"] for c in sandbox.contacts(entity, rid, include_inactive=True)}:
+                raise ContactNotFound(entity, contact_id)
+            if request.method == "DELETE":
+                return json_response(sandbox.remove_contact(entity, contact_id))
+            body = await read_json(request)
+            if not isinstance(body, dict):
+                raise ValueError("expected a JSON object")
+            return json_response(sandbox.edit_contact(entity, contact_id, **body))
+
+        return guarded(contact)
 
     async def counters(request: Request) -> Response:
         return json_response({ep: {str(st): n for st, n in by.items()} for ep, by in sandbox.counters.items()})
@@ -146,4 +183,8 @@ def admin_routes(sandbox: Sandbox) -> list[StarletteRoute]:
         coll = COLLECTIONS[e]
         routes.append(StarletteRoute(f"/_sandbox/{coll}", creator(e), methods=["POST"]))
         routes.append(StarletteRoute(f"/_sandbox/{coll}/{{id:int}}", remote(e), methods=["GET", "PATCH"]))
+        routes.append(StarletteRoute(f"/_sandbox/{coll}/{{id:int}}/contacts", remote_contacts(e),
+                                     methods=["GET", "POST"]))
+        routes.append(StarletteRoute(f"/_sandbox/{coll}/{{id:int}}/contacts/{{contactId:int}}", remote_contact(e),
+                                     methods=["PATCH", "DELETE"]))
     return routes

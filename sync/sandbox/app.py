@@ -1,4 +1,5 @@
-"""The sandbox as an ASGI app (Starlette): ServiceTitan's token endpoint and CRM v2 customers/locations.
+"""The sandbox as an ASGI app (Starlette): ServiceTitan's token endpoint and CRM v2 customers/locations and their
+contacts.
 
 API (paths as on ServiceTitan; the API and the token endpoint share one host):
 
@@ -17,6 +18,16 @@ API (paths as on ServiceTitan; the API and the token endpoint share one host):
   modifiedOnOrAfter, modifiedBefore, createdOnOrAfter, createdBefore, active, sort, customerId (locations),
   externalDataApplicationGuid / externalDataKey / externalDataValues)
 - ``GET /crm/v2/tenant/{tenant}/export/customers``, ``.../export/locations`` (from, includeRecentChanges)
+- ``GET|POST /crm/v2/tenant/{tenant}/customers/{id}/contacts``, ``.../locations/{id}/contacts``: a record's
+  active contacts (page, pageSize, includeTotal) / a new one (``CreateCustomerContactRequest`` /
+  ``LocationContactCreateRequest``) -> 200 ``CustomerContactWithModifiedOnResponse`` / ``LocationContactResponse``
+- ``PATCH|DELETE /crm/v2/tenant/{tenant}/customers/{id}/contacts/{contactId}``, ``.../locations/{id}/contacts/
+  {contactId}``: change the fields given (``UpdateCustomerContactRequest`` / ``LocationContactUpdateRequest``) ->
+  200 as above; delete -> 200 without content (kept as inactive). 404 for an unknown record or contact
+  (``contacts.py``: phone numbers normalised, errors)
+- ``GET /crm/v2/tenant/{tenant}/export/customers/contacts``, ``.../export/locations/contacts`` (from,
+  includeRecentChanges): ``ExportCustomerContactResponse`` / ``ExportLocationContactResponse``, deleted ones with
+  ``active: false``
 
 Every ``/crm/v2/...`` call needs ``ST-App-Key`` and ``Authorization: Bearer <token>``; a token only works for
 the sandbox's own tenant (any other tenant in the path: 401). Errors are RFC 7807 ``ApiErrorResponse`` JSON.
@@ -26,12 +37,17 @@ Admin endpoints for tests and demos (not rate limited, not counted or logged). N
 carry it in the header ``X-Sandbox-Admin-Token`` (401 ApiErrorResponse otherwise):
 
 - ``GET  /_sandbox/health`` -> ``{"status": "ok", "tenantId": ..}``
-- ``POST /_sandbox/seed`` ``{"customers": n, "locations": m, "seed": s}``: replace all records with fake ones
+- ``POST /_sandbox/seed`` ``{"customers": n, "locations": m, "seed": s, "contacts": true}``: replace all records
+  with fake ones (with 0 to 2 contacts each unless ``"contacts": false``)
 - ``POST /_sandbox/customers`` ``{..API fields..}``; ``POST /_sandbox/locations`` ``{"customerId": .., ..}``: a
   record created inside ServiceTitan (fake values for what is not given; ``externalData`` in the PATCH form) -> 201
 - ``GET  /_sandbox/customers/{id}`` / ``/_sandbox/locations/{id}`` (``?applicationGuid=``): full record
 - ``PATCH /_sandbox/customers/{id}`` / ``/_sandbox/locations/{id}``: a remote edit made in ServiceTitan
   (partial ``address`` allowed; also ``balance``, ``mergedToId``, ``zoneId``...); modifiedOn advances
+- ``GET|POST /_sandbox/customers/{id}/contacts`` (``?includeInactive=true``) -> ``{"contacts": [...]}`` /
+  ``{"type": .., "value": .., "memo": .., "preferences": .., "doNotText": ..}`` -> 201; ``PATCH|DELETE
+  /_sandbox/customers/{id}/contacts/{contactId}``: contacts added, edited, deleted in ServiceTitan (the same for
+  locations); answers in export shape
 - ``GET  /_sandbox/counters`` -> ``{endpoint: {status: count}}`` (status "0" = dropped connection)
 - ``GET  /_sandbox/requests`` (``?limit=N``: the last N) -> ``{"requests": [...]}``; ``DELETE`` clears log
   and counters
@@ -150,6 +166,44 @@ def _list_endpoint(sandbox: Sandbox, entity: Entity) -> Endpoint:
     return listing
 
 
+def _contacts_endpoint(sandbox: Sandbox, entity: Entity) -> Endpoint:
+    async def contacts(request: Request) -> Response:
+        rid: int = request.path_params["id"]
+        try:
+            if request.method in ("GET", "HEAD"):
+                return json_response(sandbox.api_contacts(entity, rid, request.query_params))
+            return json_response(sandbox.api_create_contact(entity, rid, await _json_body(request)))
+        except ApiError as exc:
+            return error_response(exc)
+
+    return contacts
+
+
+def _contact_endpoint(sandbox: Sandbox, entity: Entity) -> Endpoint:
+    async def contact(request: Request) -> Response:
+        rid: int = request.path_params["id"]
+        contact_id: int = request.path_params["contactId"]
+        try:
+            if request.method == "DELETE":
+                sandbox.api_delete_contact(entity, rid, contact_id)
+                return Response(status_code=200)  # the spec documents a 200 without content
+            return json_response(sandbox.api_patch_contact(entity, rid, contact_id, await _json_body(request)))
+        except ApiError as exc:
+            return error_response(exc)
+
+    return contact
+
+
+def _contact_export_endpoint(sandbox: Sandbox, entity: Entity) -> Endpoint:
+    async def export(request: Request) -> Response:
+        try:
+            return json_response(sandbox.api_contact_export(entity, request.query_params))
+        except ApiError as exc:
+            return error_response(exc)
+
+    return export
+
+
 def _export_endpoint(sandbox: Sandbox, entity: Entity) -> Endpoint:
     async def export(request: Request) -> Response:
         try:
@@ -192,6 +246,12 @@ def create_app(sandbox: Sandbox) -> Starlette:
             StarletteRoute(f"{base}/{coll}", _list_endpoint(sandbox, entity), methods=["GET"]),
             StarletteRoute(f"{base}/{coll}", _create_endpoint(sandbox, entity), methods=["POST"]),
             StarletteRoute(f"{base}/export/{coll}", _export_endpoint(sandbox, entity), methods=["GET"]),
+            StarletteRoute(f"{base}/{coll}/{{id:int}}/contacts", _contacts_endpoint(sandbox, entity),
+                           methods=["GET", "POST"]),
+            StarletteRoute(f"{base}/{coll}/{{id:int}}/contacts/{{contactId:int}}", _contact_endpoint(sandbox, entity),
+                           methods=["PATCH", "DELETE"]),
+            StarletteRoute(f"{base}/export/{coll}/contacts", _contact_export_endpoint(sandbox, entity),
+                           methods=["GET"]),
         ]
     routes += admin_routes(sandbox)  # unknown paths and methods: 404 / 405 as ApiErrorResponse (_http_exception)
     return SandboxApp(sandbox, routes)

@@ -13,8 +13,10 @@ field (``locations[1].address.zip``); then, for a location, an unknown customer 
 ``externalData`` (``ExternalDataCreateRequest``: ``{applicationGuid, externalData: [{key, value}]}``) is stored
 under its guid, like a PATCH in Replace mode. An answer lists only the data of the guid given in the request
 (a location without its own ``externalData`` answers for the customer's guid); GET by id, lists and exports
-show none, as for any record. Contacts get ids of their own (from :data:`FIRST_CONTACT_ID`); they appear only
-in the create answer and :meth:`RecordCreator.contacts` (the sandbox has no contact endpoints yet).
+show none, as for any record. The contacts of a create body are stored in the contact store
+(``contacts.py``: ids from :data:`FIRST_CONTACT_ID`, phone numbers normalised, served by the contact endpoints
+and feeds like any other contact); the answer lists them as ``{id, type, value, memo}`` with the stored values.
+A blank contact value is a 400 too (``contacts[0].value``, ``locations[1].contacts[0].value``).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sync.sandbox import seed as fake
+from sync.sandbox.contacts import ContactStore, contact_model_errors, short_view
 from sync.sandbox.errors import VALIDATION_TITLE, ApiError
 from sync.sandbox.model import Entity
-from sync.sandbox.store import RecordStore, Table, _model_errors, clone, ext_list
+from sync.sandbox.seed import FIRST_CONTACT_ID
+from sync.sandbox.store import Table, _model_errors, clone, ext_list
 from sync.sandbox.validation import validate_create
 
-FIRST_CONTACT_ID = 30_000_001
-"""Contact ids count up from here (customers from 10,000,001, locations from 20,000,001)."""
+__all__ = ["FIRST_CONTACT_ID", "RecordCreator"]
 _NOT_STORED = frozenset({"locations", "contacts", "customerId", "coordinatesSource", "coordinatesVerificationStatus"})
 
 
@@ -43,6 +46,7 @@ def _create_model_errors(entity: Entity, body: Mapping[str, Any], errors: dict[s
     the schema already refused (a missing zip) is not named twice."""
     found: dict[str, list[str]] = {}
     _model_errors(body, found)
+    _contacts_errors(body, "", found)
     locations = body.get("locations") if entity == "customer" else None
     if isinstance(locations, list) and not locations:
         found["locations"] = ["At least one location is required."]
@@ -50,28 +54,24 @@ def _create_model_errors(entity: Entity, body: Mapping[str, Any], errors: dict[s
         if isinstance(location, Mapping):
             of_location: dict[str, list[str]] = {}
             _model_errors(location, of_location)
+            _contacts_errors(location, "", of_location)
             found.update({f"locations[{i}].{key}": messages for key, messages in of_location.items()})
     for key, messages in found.items():
         errors.setdefault(key, messages)
 
 
-class RecordCreator(RecordStore):
-    """:class:`~sync.sandbox.store.RecordStore` plus record creation and the contacts created with records."""
+def _contacts_errors(body: Mapping[str, Any], prefix: str, errors: dict[str, list[str]]) -> None:
+    contacts = body.get("contacts")
+    for j, contact in enumerate(contacts if isinstance(contacts, list) else []):
+        for key, messages in contact_model_errors(contact, f"{prefix}contacts[{j}].").items():
+            errors.setdefault(key, messages)
+
+
+class RecordCreator(ContactStore):
+    """:class:`~sync.sandbox.contacts.ContactStore` plus record creation (with the contacts of a create body)."""
 
     def __init__(self, *, clock: Callable[[], float], bump_modified_on_noop: bool) -> None:
         super().__init__(clock=clock, bump_modified_on_noop=bump_modified_on_noop)
-        self._contacts: dict[tuple[Entity, int], list[dict[str, Any]]] = {}
-        self._next_contact_id = FIRST_CONTACT_ID
-
-    def _seed(self, data: fake.SeedData) -> None:
-        with self._lock:
-            super()._seed(data)
-            self._contacts.clear()
-
-    def contacts(self, entity: Entity, record_id: int) -> list[dict[str, Any]]:
-        """The contacts created with a record (``{id, type, value, memo}``), as copies."""
-        with self._lock:
-            return [dict(c) for c in self._contacts.get((entity, record_id), [])]
 
     # ------------------------------------------------------------------------------------------ remote creations
 
@@ -169,16 +169,11 @@ class RecordCreator(RecordStore):
         fields = {k: v for k, v in body.items() if v is not None and k not in _NOT_STORED}
         new, ext = self._prepare(entity, base, fields, remote=False)
         self._insert(table, new, ts, ext)
-        contacts = []
-        for contact in body.get("contacts") or []:
-            contacts.append({"id": self._next_contact_id, "type": contact["type"], "value": contact["value"],
-                             "memo": contact.get("memo")})
-            self._next_contact_id += 1
-        if contacts:
-            self._contacts[(entity, rid)] = contacts
+        contacts = [self._new_contact(entity, rid, c["type"], c["value"], c.get("memo"))
+                    for c in body.get("contacts") or []]
         guid = (body.get("externalData") or {}).get("applicationGuid") or fallback_guid
         return {
             **new,
             "externalData": ext_list(table, rid, guid) if guid else [],
-            "contacts": [dict(c) for c in contacts],
+            "contacts": [short_view(c) for c in contacts],
         }

@@ -1,5 +1,6 @@
 """ServiceTitan's error answers: RFC 7807 ``ApiErrorResponse`` bodies (:func:`problem`, :class:`ApiError`,
-:class:`RecordNotFound`), the token endpoint's OAuth2 refusals (:class:`OAuthError`) and the titles used.
+:class:`RecordNotFound`,
+:class:`ContactNotFound`), the token endpoint's OAuth2 refusals (:class:`OAuthError`) and the titles used.
 """
 
 from __future__ import annotations
@@ -60,6 +61,15 @@ class RecordNotFound(ApiError, LookupError):
         super().__init__(404, f"{entity.capitalize()} with id {record_id} not found.", data={"id": record_id})
         self.entity = entity
         self.record_id = record_id
+
+
+class ContactNotFound(ApiError, LookupError):
+    """A contact id that is unknown, of another record, or deleted (inactive): 404."""
+
+    def __init__(self, entity: Entity, contact_id: int) -> None:
+        super().__init__(404, f"Contact with id {contact_id} not found.", data={"id": contact_id})
+        self.entity = entity
+        self.contact_id = contact_id
 
 
 class OAuthError(Exception):

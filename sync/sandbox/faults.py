@@ -16,8 +16,9 @@ from sync.sandbox.model import Entity, Route
 FaultKind = Literal["rate_limit", "server_error", "drop", "slow", "late_answer"]
 RetryAfterStyle = Literal["seconds", "http-date", "body", "none"]
 RETRY_AFTER_STYLES: tuple[RetryAfterStyle, ...] = ("seconds", "http-date", "body", "none")
-WRITE_METHODS = frozenset({"PATCH", "POST"})
-"""API methods that change records: PATCH (update) and POST (``/customers``, ``/locations``: create)."""
+WRITE_METHODS = frozenset({"PATCH", "POST", "DELETE"})
+"""API methods that change records: PATCH (update), POST (``/customers``, ``/locations``, a record's
+``/contacts``: create) and DELETE (a contact)."""
 
 
 @dataclass(frozen=True)

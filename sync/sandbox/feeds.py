@@ -1,9 +1,12 @@
-"""The read side's query parameters and paging: ``GET /customers`` / ``/locations`` (filter, sort, page) and the
-export feeds ``GET /export/...`` (continuation tokens, the export delay), over one :class:`~sync.sandbox.store.Table`.
+"""The read side's query parameters and paging: ``GET /customers`` / ``/locations`` (filter, sort, page), a
+record's contacts (``GET /customers/{id}/contacts``: :func:`page_query`, :func:`paginate`) and the export feeds
+``GET /export/...`` (continuation tokens, the export delay), each over one :class:`~sync.sandbox.store.Table`
+(the contact feeds ``/export/customers/contacts`` and ``/export/locations/contacts`` over a table of contacts).
 
 Each feed is two steps: parse the query string (400 :class:`ApiError` for a bad parameter, no lock needed), then
 page over the table, which the caller (``Sandbox.api_list`` / ``api_export``) does while holding the tenant's
-lock. Continuation tokens are ``stx1|entity|modified µs|id`` in URL-safe base64: a position in the feed's
+lock. Continuation tokens are ``stx1|feed|modified µs|id`` in URL-safe base64 (feed: ``customer``, ``location``,
+``customer-contact``, ``location-contact``; a token of one feed is a 400 on another): a position in the feed's
 ``(modifiedOn, id)`` order, so a record changed after a token was issued comes again after it.
 """
 
@@ -47,13 +50,16 @@ def parse_when(text: str) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def encode_continuation(entity: Entity, ts: int, record_id: int) -> str:
-    raw = f"{_CONTINUATION_PREFIX}|{entity}|{ts}|{record_id}".encode()
+def encode_continuation(feed: str, ts: int, record_id: int) -> str:
+    """A token for the position ``(ts, record_id)`` of ``feed`` (an entity, or ``customer-contact`` /
+    ``location-contact`` for the contact feeds)."""
+    raw = f"{_CONTINUATION_PREFIX}|{feed}|{ts}|{record_id}".encode()
     return urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def decode_continuation(entity: Entity, token: str) -> tuple[int, int] | None:
-    """The ``(modified µs, id)`` position a token encodes; None when ``token`` is not one of ours."""
+def decode_continuation(feed: str, token: str) -> tuple[int, int] | None:
+    """The ``(modified µs, id)`` position a token encodes; None when ``token`` is not one of ours; 400 ApiError
+    for a token of another feed."""
     try:
         raw = urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (ValueError, UnicodeDecodeError):
@@ -61,7 +67,7 @@ def decode_continuation(entity: Entity, token: str) -> tuple[int, int] | None:
     parts = raw.split("|")
     if len(parts) != 4 or parts[0] != _CONTINUATION_PREFIX:
         return None
-    if parts[1] != entity:
+    if parts[1] != feed:
         raise ApiError(400, VALIDATION_TITLE, {"from": [f"The continuation token belongs to the {parts[1]} feed."]})
     try:
         return int(parts[2]), int(parts[3])
@@ -185,10 +191,35 @@ def list_page(table: Table, query: ListQuery) -> dict[str, Any]:
     }
 
 
+def page_query(params: Mapping[str, str]) -> tuple[int, int, bool]:
+    """``page``, ``pageSize`` and ``includeTotal`` of a plain paginated list (a record's contacts); 400
+    ApiError naming every bad parameter."""
+    errors: dict[str, list[str]] = {}
+    page = _int_param(params, "page", 1, errors, minimum=1)
+    page_size = min(_int_param(params, "pageSize", LIST_DEFAULT_PAGE_SIZE, errors, minimum=1),
+                    LIST_MAX_PAGE_SIZE)
+    include_total = _bool_param(params, "includeTotal", errors)
+    if errors:
+        raise ApiError(400, VALIDATION_TITLE, errors)
+    return page, page_size, include_total
+
+
+def paginate(rows: list[dict[str, Any]], page: int, page_size: int, include_total: bool) -> dict[str, Any]:
+    """A ``PaginatedResponse`` of ``rows`` (already filtered and sorted)."""
+    start = (page - 1) * page_size
+    return {
+        "page": page,
+        "pageSize": page_size,
+        "hasMore": start + page_size < len(rows),
+        "totalCount": len(rows) if include_total else None,
+        "data": rows[start:start + page_size],
+    }
+
+
 # ------------------------------------------------------------------------------------------------- exports
 
 
-def export_start(entity: Entity, params: Mapping[str, str]) -> tuple[tuple[int, int], bool]:
+def export_start(feed: str, params: Mapping[str, str]) -> tuple[tuple[int, int], bool]:
     """Where an export request starts (``(modified µs, id)`` from a token, a date, or the beginning) and whether
     it asked for ``includeRecentChanges``; 400 ApiError for a bad parameter."""
     errors: dict[str, list[str]] = {}
@@ -196,7 +227,7 @@ def export_start(entity: Entity, params: Mapping[str, str]) -> tuple[tuple[int, 
     raw_from = params.get("from")
     pos: tuple[int, int] = (-1, -1)
     if raw_from:
-        decoded = decode_continuation(entity, raw_from)
+        decoded = decode_continuation(feed, raw_from)
         if decoded is not None:
             pos = decoded
         else:
@@ -209,7 +240,7 @@ def export_start(entity: Entity, params: Mapping[str, str]) -> tuple[tuple[int, 
     return pos, include_recent
 
 
-def export_page(table: Table, entity: Entity, pos: tuple[int, int], size: int, cutoff_us: int | None) -> dict[str, Any]:
+def export_page(table: Table, feed: str, pos: tuple[int, int], size: int, cutoff_us: int | None) -> dict[str, Any]:
     """Up to ``size`` records after ``pos`` in the feed's order, none modified after ``cutoff_us`` (None: no
     export delay); the caller holds the tenant's lock."""
     order = table.order
@@ -222,7 +253,7 @@ def export_page(table: Table, entity: Entity, pos: tuple[int, int], size: int, c
     last = window[-1] if window else pos
     return {
         "hasMore": end < limit,
-        "continueFrom": encode_continuation(entity, *last),
+        "continueFrom": encode_continuation(feed, *last),
         "data": data,
     }
 

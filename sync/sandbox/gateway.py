@@ -3,7 +3,8 @@
 Order of checks for an API call: app key and token (401), enforced rate limit (429), fault plan, latency, then
 the endpoint; token calls skip the first two, and random faults hit API calls only. Every request but the
 admin ones is counted and logged (:class:`~sync.sandbox.model.RequestRecord`) with its status, its fault and
-whether a write (a PATCH, or a create: ``POST /customers``, ``POST /locations``) was applied. Faults apply to the
+whether a write (a PATCH, a create: ``POST /customers``, ``POST /locations``, ``POST .../contacts``, or a
+contact's DELETE) was applied. Faults apply to the
 create routes like to any other: with ``after_apply`` the record is created, then the answer is a 5xx or a
 dropped connection.
 
@@ -47,6 +48,9 @@ _API_PATH = re.compile(r"^/crm/v2/tenant/([^/]*)(/.*)?$")
 _RECORD_PATH = re.compile(r"^/(customers|locations)/(\d+)/?$")
 _COLLECTION_PATH = re.compile(r"^/(customers|locations)/?$")
 _EXPORT_PATH = re.compile(r"^/export/(customers|locations)/?$")
+_CONTACTS_PATH = re.compile(r"^/(customers|locations)/(\d+)/contacts/?$")
+_CONTACT_PATH = re.compile(r"^/(customers|locations)/(\d+)/contacts/(\d+)/?$")
+_CONTACT_EXPORT_PATH = re.compile(r"^/export/(customers|locations)/contacts/?$")
 
 
 class ConnectionDropped(httpx.RemoteProtocolError):
@@ -72,6 +76,18 @@ def classify(method: str, path: str) -> Route:
     if (r := _EXPORT_PATH.match(rest)) is not None:
         coll = r.group(1)
         return Route("api", method, f"{method} /export/{coll}", ENTITY_OF_COLLECTION[coll], None, tenant)
+    # a record's contacts: the entity and record id are the owner's
+    if (r := _CONTACTS_PATH.match(rest)) is not None:
+        coll = r.group(1)
+        return Route("api", method, f"{method} /{coll}/{{id}}/contacts", ENTITY_OF_COLLECTION[coll],
+                     int(r.group(2)), tenant)
+    if (r := _CONTACT_PATH.match(rest)) is not None:
+        coll = r.group(1)
+        return Route("api", method, f"{method} /{coll}/{{id}}/contacts/{{contactId}}", ENTITY_OF_COLLECTION[coll],
+                     int(r.group(2)), tenant)
+    if (r := _CONTACT_EXPORT_PATH.match(rest)) is not None:
+        coll = r.group(1)
+        return Route("api", method, f"{method} /export/{coll}/contacts", ENTITY_OF_COLLECTION[coll], None, tenant)
     return Route("api", method, f"{method} other", None, None, tenant)
 
 
@@ -201,8 +217,8 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 
 
 def _applied(route: Route, status: int) -> bool:
-    """Whether the endpoint's answer says a write was applied: a PATCH or a create (``POST /customers``,
-    ``POST /locations``) answered 2xx."""
+    """Whether the endpoint's answer says a write was applied: a PATCH, a create (``POST /customers``,
+    ``POST /locations``, ``POST .../contacts``) or a DELETE answered 2xx."""
     return route.kind == "api" and route.method in WRITE_METHODS and 200 <= status < 300
 
 

@@ -25,9 +25,12 @@ class Route:
     kind: RouteKind
     method: str
     endpoint: str
-    """Counter key, e.g. ``PATCH /customers/{id}``, ``GET /export/locations``, ``POST /connect/token``."""
+    """Counter key, e.g. ``PATCH /customers/{id}``, ``GET /export/locations``, ``POST /connect/token``,
+    ``PATCH /customers/{id}/contacts/{contactId}``, ``GET /export/locations/contacts``."""
     entity: Entity | None = None
+    """The record's entity; for a record's contacts, the owner's (``customer`` for ``/customers/{id}/contacts``)."""
     record_id: int | None = None
+    """The record's id; for a record's contacts, the owner's (not the contact's)."""
     tenant: str | None = None
 
 

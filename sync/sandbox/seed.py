@@ -24,6 +24,8 @@ FIRST_CUSTOMER_ID = 10_000_001
 """Customer ids count up from here; location ids from FIRST_LOCATION_ID. Distinct ranges make a client that
 mixes up a customer id and a location id fail loudly instead of patching the wrong record."""
 FIRST_LOCATION_ID = 20_000_001
+FIRST_CONTACT_ID = 30_000_001
+"""Contact ids (customers' and locations' alike, one sequence) count up from here."""
 
 TAG_TYPES: dict[int, str] = {
     101: "VIP",
@@ -179,6 +181,21 @@ class SeedData:
     customer_external: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
     """record id -> application guid -> key -> value"""
     location_external: dict[int, dict[str, dict[str, str]]] = field(default_factory=dict)
+    customer_created_us: list[int] = field(default_factory=list)
+    location_created_us: list[int] = field(default_factory=list)
+    contacts: list[SeedContact] = field(default_factory=list)
+    """Contacts of the records (:func:`add_contacts`), in id order; empty when seeded without contacts."""
+
+
+@dataclass(frozen=True, slots=True)
+class SeedContact:
+    """One seeded contact: its owner (``customer`` / ``location`` and id), its export-shaped record
+    (``ExportCustomerContactResponse`` / ``ExportLocationContactResponse``) and its modifiedOn in µs."""
+
+    entity: str
+    owner_id: int
+    record: dict[str, Any]
+    modified_us: int
 
 
 def fake_street(rng: random.Random) -> str:
@@ -330,13 +347,16 @@ def generate(
     *,
     first_customer_id: int = FIRST_CUSTOMER_ID,
     first_location_id: int = FIRST_LOCATION_ID,
+    contacts: bool = True,
+    first_contact_id: int = FIRST_CONTACT_ID,
 ) -> SeedData:
     """``customers`` customers and ``locations`` locations, the same for the same arguments.
 
     Ids grow with ``createdOn``. Every customer gets one location while there are enough; the rest go to
     random customers (commercial ones get more). About 4% of customers are inactive (half of them merged into
     another customer) and their locations with them; about 8% of records carry another application's
-    external data.
+    external data. With ``contacts``, each record also gets 0 to 2 contacts (:func:`add_contacts`), drawn from
+    a generator of their own: the records are the same with contacts or without.
     """
     if customers < 0 or locations < 0:
         raise ValueError("customers and locations must be >= 0")
@@ -346,7 +366,10 @@ def generate(
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        return _generate(customers, locations, seed, first_customer_id, first_location_id)
+        out = _generate(customers, locations, seed, first_customer_id, first_location_id)
+        if contacts:
+            add_contacts(out, seed, first_contact_id)
+        return out
     finally:
         if gc_was_enabled:
             gc.enable()
@@ -362,6 +385,7 @@ def _generate(customers: int, locations: int, seed: int, first_customer_id: int,
         m_us = _modified(rng, c_us)
         out.customers.append(customer_record(rng, cid, c_us, m_us))
         out.customer_modified_us.append(m_us)
+        out.customer_created_us.append(c_us)
         if rng.random() < 0.08:
             out.customer_external[cid] = {OTHER_APP_GUID: {"crmId": f"C-{_int(rng, 10_000, 99_999)}"}}
     # merge a share of the inactive customers into an earlier active one
@@ -387,6 +411,139 @@ def _generate(customers: int, locations: int, seed: int, first_customer_id: int,
         m_us = _modified(rng, l_us)
         out.locations.append(location_record(rng, lid, out.customers[i], l_us, m_us, first=first))
         out.location_modified_us.append(m_us)
+        out.location_created_us.append(l_us)
         if rng.random() < 0.08:
             out.location_external[lid] = {OTHER_APP_GUID: {"crmId": f"L-{_int(rng, 10_000, 99_999)}"}}
     return out
+
+
+# ------------------------------------------------------------------------------------------------- contacts
+
+# Area codes of the seeded cities (by state: near enough for fake data).
+_AREA_CODES: dict[str, tuple[str, ...]] = {
+    "TX": ("512", "214", "713", "210", "737", "469"), "AZ": ("602", "520", "480"), "CO": ("303", "720"),
+    "GA": ("404", "678"), "FL": ("407", "813", "305", "786"), "NC": ("704", "919", "980"), "TN": ("615",),
+    "OH": ("614",), "IN": ("317",), "IL": ("312", "773"), "MN": ("612",), "MO": ("816",), "NV": ("702",),
+    "CA": ("916", "619", "559"), "OR": ("503", "971"), "WA": ("206",), "UT": ("801", "385"), "ID": ("208",),
+    "NM": ("505",), "OK": ("405",), "VA": ("804",),
+}
+_ALL_AREA_CODES: tuple[str, ...] = tuple(code for codes in _AREA_CODES.values() for code in codes)
+_EMAIL_DOMAINS: tuple[str, ...] = ("example.com", "example.net", "example.org", "mail.example.com")
+_PHONE_MEMOS: tuple[str, ...] = ("Cell", "Home", "Work", "Office", "Spouse", "After hours", "Owner's daughter - Kelly")
+_EMAIL_MEMOS: tuple[str, ...] = ("Invoices", "Work", "Personal", "Billing")
+_PHONE_TYPES: tuple[str, ...] = ("MobilePhone",) * 11 + ("Phone",) * 8 + ("Fax",)
+CONTACT_COUNT_WEIGHTS: dict[str, tuple[float, float]] = {"customer": (0.2, 0.7), "location": (0.5, 0.85)}
+"""Per entity, the cumulative probabilities of 0 and of at most 1 contact (else 2): customers 20% none, 50% one,
+30% two; locations 50% none, 35% one, 15% two."""
+
+
+def _contact_rng(seed: int) -> random.Random:
+    # a generator of its own (a str seed is hashed with SHA-512: the same on every machine and run), so the
+    # records' generator draws exactly what it drew before contacts existed
+    return random.Random(f"stsync-sandbox-contacts:{seed}")
+
+
+def fake_phone(rng: random.Random, state: str | None) -> str:
+    """Ten digits as ServiceTitan stores them: an area code of ``state`` and a 555-01xx line (fictional)."""
+    codes = _AREA_CODES.get(state or "", _ALL_AREA_CODES)
+    return f"{_pick(rng, codes)}5550{_int(rng, 100, 199)}"
+
+
+def fake_email(rng: random.Random, name: str, commercial: bool) -> str:
+    words = ["".join(ch for ch in w.lower() if ch.isascii() and ch.isalnum()) for w in name.split()]
+    words = [w for w in words if w and w not in ("llc", "inc", "co")] or ["customer"]
+    if commercial:
+        local = _pick(rng, ("office", "billing", "info", "manager"))
+        return f"{local}@{''.join(words[:2])}.{_pick(rng, _EMAIL_DOMAINS)}"
+    local = ".".join(words[:1] + words[-1:]) if len(words) > 1 else words[0]
+    if rng.random() < 0.4:
+        local += str(_int(rng, 1, 99))
+    return f"{local}@{_pick(rng, _EMAIL_DOMAINS)}"
+
+
+def contact_record(
+    cid: int, contact_type: str, value: str, memo: str | None, created_us: int, modified_us: int,
+    owner_key: str, owner_id: int, *, do_not_text: bool = False, preferences: dict[str, bool] | None = None,
+    active: bool = True,
+) -> dict[str, Any]:
+    """A contact in export shape (``ExportCustomerContactResponse`` with ``owner_key`` ``customerId``,
+    ``ExportLocationContactResponse`` with ``locationId``)."""
+    return {
+        "id": cid,
+        "type": contact_type,
+        "value": value,
+        "memo": memo,
+        "phoneSettings": {"phoneNumber": value, "doNotText": do_not_text},
+        "modifiedOn": iso_from_us(modified_us),
+        "createdOn": iso_from_us(created_us),
+        "preferences": preferences,
+        owner_key: owner_id,
+        "active": active,
+    }
+
+
+def add_contacts(data: SeedData, seed: int, first_contact_id: int = FIRST_CONTACT_ID) -> None:
+    """Give every record of ``data`` 0 to 2 contacts (:data:`CONTACT_COUNT_WEIGHTS`), from a generator of their
+    own seeded by ``seed``: customers first, then locations, each in id order, draw how many; the first is a
+    phone (mostly mobile, some landlines, a few faxes), a second is an email 75% of the time. Values are stored
+    as ServiceTitan stores them (phones: 10 digits); memos on about a third; about 5% of phones opted out of
+    texts; 15% carry preferences. 70% of contacts were entered with their record (same ``createdOn``), the rest
+    later; 30% were modified since, up to the end of the seeded history; ids grow with ``createdOn``. All are
+    active."""
+    rng = _contact_rng(seed)
+    rand = rng.random
+    drafts: list[tuple[int, int, str, int, dict[str, Any]]] = []  # (created, n, entity, modified, record)
+    owners = (
+        ("customer", "customerId", data.customers, data.customer_created_us),
+        ("location", "locationId", data.locations, data.location_created_us),
+    )
+    for entity, owner_key, records, created_list in owners:
+        none, one = CONTACT_COUNT_WEIGHTS[entity]
+        for record, created_us in zip(records, created_list, strict=True):
+            r = rand()
+            if r < none:
+                continue
+            state = (record.get("address") or {}).get("state")
+            commercial = record.get("type") == "Commercial" or " - " in record["name"]
+            for k in range(1 if r < one else 2):
+                if k == 1 and rand() < 0.75:
+                    contact_type = "Email"
+                    value = fake_email(rng, record["name"].split(" - ")[0], commercial)
+                    memo = _pick(rng, _EMAIL_MEMOS) if rand() < 0.3 else None
+                else:
+                    contact_type = _pick(rng, _PHONE_TYPES)
+                    value = fake_phone(rng, state)
+                    memo = _pick(rng, _PHONE_MEMOS) if rand() < 0.35 else None
+                if rand() < 0.7:  # entered with the record
+                    c_us, created_on = created_us, record["createdOn"]
+                else:
+                    c_us = created_us + int(rand() * (HISTORY_END_US - created_us))
+                    created_on = iso_from_us(c_us)
+                if rand() < 0.7:
+                    m_us, modified_on = c_us, created_on
+                else:
+                    m_us = c_us + int(rand() * (HISTORY_END_US - c_us))
+                    modified_on = iso_from_us(m_us)
+                do_not_text = contact_type != "Email" and rand() < 0.05
+                preferences = None
+                if rand() < 0.15:
+                    preferences = {"jobRemindersEnabled": rand() < 0.9, "marketingUpdatesEnabled": rand() < 0.4,
+                                   "invoiceStatementNotification": rand() < 0.6}
+                contact = {
+                    "id": 0,  # numbered below, in order of creation
+                    "type": contact_type,
+                    "value": value,
+                    "memo": memo,
+                    "phoneSettings": {"phoneNumber": value, "doNotText": do_not_text},
+                    "modifiedOn": modified_on,
+                    "createdOn": created_on,
+                    "preferences": preferences,
+                    owner_key: record["id"],
+                    "active": True,
+                }
+                drafts.append((c_us, len(drafts), entity, m_us, contact))
+    drafts.sort(key=lambda d: (d[0], d[1]))
+    out = data.contacts
+    for n, (_, _, entity, m_us, contact) in enumerate(drafts):
+        contact["id"] = first_contact_id + n
+        out.append(SeedContact(entity, contact["customerId" if entity == "customer" else "locationId"], contact, m_us))

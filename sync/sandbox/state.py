@@ -1,6 +1,6 @@
-"""The sandbox's tenant (:class:`Sandbox`): records (``store.py``; creating them, ``creates.py``), read feeds
-(``feeds.py``), tokens, the enforced rate limit, the fault plan (``faults.py``), counters, the request log and
-settings, behind one lock.
+"""The sandbox's tenant (:class:`Sandbox`): records (``store.py``; creating them, ``creates.py``; their
+contacts, ``contacts.py``), read feeds (``feeds.py``), tokens, the enforced rate limit, the fault plan
+(``faults.py``), counters, the request log and settings, behind one lock.
 
 Everything here is synchronous and thread-safe: the ASGI app (``sync.sandbox.app``) calls it from uvicorn's
 event loop thread while tests call the Python API from theirs. Nothing here awaits while holding the lock.
@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from sync.sandbox import feeds
+from sync.sandbox.contacts import CONTACT_FEEDS
 from sync.sandbox.creates import RecordCreator
 from sync.sandbox.errors import (
     TITLE_BAD_APP_KEY,
@@ -35,7 +36,7 @@ OAUTH_SCOPE = "tn.crm.customers:r tn.crm.customers:w tn.crm.locations:r tn.crm.l
 
 
 class Sandbox(RecordCreator):
-    """One simulated ServiceTitan tenant (CRM v2 customers and locations) and its Python API.
+    """One simulated ServiceTitan tenant (CRM v2 customers, locations and their contacts) and its Python API.
 
     ``rate_limit_per_second``: enforced limit per tenant over a sliding 1-second window of admitted API calls
     (None or 0 disables it). ``latency_ms``: uniform random delay added to every API call. ``export_page_size``:
@@ -93,13 +94,23 @@ class Sandbox(RecordCreator):
     def api_export(self, entity: Entity, params: Mapping[str, str]) -> dict[str, Any]:
         """``GET /export/customers`` / ``/export/locations``: every record (inactive too) in (modifiedOn, id)
         order from a position; a record changed after a token was issued comes again after that token."""
-        pos, include_recent = feeds.export_start(entity, params)
+        return self._export(entity, entity, params, contacts=False)
+
+    def api_contact_export(self, entity: Entity, params: Mapping[str, str]) -> dict[str, Any]:
+        """``GET /export/customers/contacts`` / ``/export/locations/contacts``: every contact of ``entity``'s
+        records (deleted ones too, ``active: false``) with the same ``from`` / ``includeRecentChanges`` /
+        continuation-token / ``hasMore`` semantics, page size and export delay as the record feeds."""
+        return self._export(entity, CONTACT_FEEDS[entity], params, contacts=True)
+
+    def _export(self, entity: Entity, feed: str, params: Mapping[str, str], *, contacts: bool) -> dict[str, Any]:
+        pos, include_recent = feeds.export_start(feed, params)
         size = max(1, int(self.export_page_size))
         with self._lock:
             cutoff: int | None = None
             if not (include_recent or self.export_delay_seconds <= 0):
                 cutoff = now_us(self.clock) - int(self.export_delay_seconds * 1_000_000)
-            return feeds.export_page(self._tables[entity], entity, pos, size, cutoff)
+            table = self.contact_table(entity) if contacts else self._tables[entity]
+            return feeds.export_page(table, feed, pos, size, cutoff)
 
     # ------------------------------------------------------------------------------------------ auth
 

@@ -175,12 +175,13 @@ class RecordStore:
 
     # ------------------------------------------------------------------------------------------ seeding
 
-    def seed(self, customers: int, locations: int, seed: int = 0) -> None:
-        """Replace all records with ``customers`` + ``locations`` deterministic fake ones (see ``seed.py``)."""
+    def seed(self, customers: int, locations: int, seed: int = 0, *, contacts: bool = True) -> None:
+        """Replace all records with ``customers`` + ``locations`` deterministic fake ones (see ``seed.py``) and,
+        with ``contacts``, 0 to 2 contacts for each (drawn apart: the records are the same either way)."""
         gc_was_enabled = gc.isenabled()
         gc.disable()  # building the tables of hundreds of thousands of records: see seed.generate
         try:
-            self._seed(fake.generate(customers, locations, seed))
+            self._seed(fake.generate(customers, locations, seed, contacts=contacts))
         finally:
             if gc_was_enabled:
                 gc.enable()

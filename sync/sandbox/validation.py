@@ -50,6 +50,16 @@ CREATE_PATHS: dict[Entity, str] = {
     "customer": "/tenant/{tenant}/customers",
     "location": "/tenant/{tenant}/locations",
 }
+CONTACT_PATHS: dict[Entity, str] = {
+    "customer": "/tenant/{tenant}/customers/{id}/contacts",
+    "location": "/tenant/{tenant}/locations/{id}/contacts",
+}
+"""``POST``: ``CreateCustomerContactRequest`` / ``LocationContactCreateRequest``."""
+CONTACT_ITEM_PATHS: dict[Entity, str] = {
+    "customer": "/tenant/{tenant}/customers/{id}/contacts/{contactId}",
+    "location": "/tenant/{tenant}/locations/{id}/contacts/{contactId}",
+}
+"""``PATCH``: ``UpdateCustomerContactRequest`` / ``LocationContactUpdateRequest``."""
 _MAX_DEPTH = 64  # the two request schemas are about a dozen steps deep; far deeper means a $ref cycle
 
 
@@ -112,15 +122,42 @@ def _inline(path: SchemaPath, depth: int = 0) -> Any:
 
 
 def _request_schema(entity: Entity, method: str = "patch") -> SchemaPath:
-    path = PATCH_PATHS[entity] if method == "patch" else CREATE_PATHS[entity]
+    return _request_schema_at(PATCH_PATHS[entity] if method == "patch" else CREATE_PATHS[entity], method)
+
+
+def _request_schema_at(path: str, method: str) -> SchemaPath:
     content = openapi().spec / "paths" / path / method / "requestBody" / "content"
     return content / "application/json" / "schema"
 
 
-@cache
 def _body_validator(entity: Entity, method: str) -> SchemaValidator:
-    inlined = SchemaPath.from_dict(_inline(_request_schema(entity, method)))
+    return _validator_at(PATCH_PATHS[entity] if method == "patch" else CREATE_PATHS[entity], method)
+
+
+@cache
+def _validator_at(path: str, method: str) -> SchemaValidator:
+    inlined = SchemaPath.from_dict(_inline(_request_schema_at(path, method)))
     return _FACTORY.create(inlined, inlined, format_validators={})
+
+
+def _validate_at(path: str, method: str, body: Any) -> dict[str, list[str]]:
+    try:
+        _validator_at(path, method).validate(body)
+        return {}
+    except InvalidSchemaValue as exc:
+        return _errors(exc.schema_errors)
+
+
+def validate_contact_create(entity: Entity, body: Any) -> dict[str, list[str]]:
+    """Check a ``POST /customers/{id}/contacts`` (``CreateCustomerContactRequest``) or ``POST /locations/{id}/
+    contacts`` (``LocationContactCreateRequest``) body; ``{field path: [messages]}``, empty when valid."""
+    return _validate_at(CONTACT_PATHS[entity], "post", body)
+
+
+def validate_contact_update(entity: Entity, body: Any) -> dict[str, list[str]]:
+    """Check a ``PATCH .../contacts/{contactId}`` body (``UpdateCustomerContactRequest`` /
+    ``LocationContactUpdateRequest``); ``{field path: [messages]}``, empty when valid."""
+    return _validate_at(CONTACT_ITEM_PATHS[entity], "patch", body)
 
 
 def update_validator(entity: Entity) -> SchemaValidator:
